@@ -1,0 +1,25 @@
+"""onnxlrp: Layer-wise Relevance Propagation for any ONNX model, on onnxruntime.
+
+The API mirrors RelevancePropagation.jl: ``LRP(model, composite).analyze(x)`` returns an Explanation.
+"""
+from .analyzer import LRP, analyze
+from .api import LRP_CONFIG, canonize, flatten_model, lrp_rules, show_layer_indices, strip_softmax
+from .composite import (Composite, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus,
+                        EpsilonPlusFlat, FirstLayerMap, FirstLayerTypeMap, FirstNTypeMap, GlobalMap, GlobalTypeMap,
+                        LastLayerMap, LastLayerTypeMap, LayerMap, PRESETS, RangeMap, RangeTypeMap)
+from .errors import InputError, LRPError, ModelLoadError, RuleCompatibilityError, UnsupportedModelError
+from .explanation import Explanation
+from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, LayerNormRule, PassRule,
+                    Rule, WSquareRule, ZBoxRule, ZeroRule, ZPlusRule)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LRP", "analyze", "Explanation", "canonize", "strip_softmax", "flatten_model", "show_layer_indices",
+    "lrp_rules", "LRP_CONFIG", "Composite", "LayerMap", "GlobalMap", "RangeMap", "FirstLayerMap", "LastLayerMap",
+    "GlobalTypeMap", "RangeTypeMap", "FirstLayerTypeMap", "LastLayerTypeMap", "FirstNTypeMap", "PRESETS",
+    "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "EpsilonPlusFlat", "EpsilonAlpha2Beta1Flat",
+    "Rule", "ZeroRule", "EpsilonRule", "GammaRule", "WSquareRule", "FlatRule", "AlphaBetaRule", "ZPlusRule",
+    "ZBoxRule", "PassRule", "GeneralizedGammaRule", "LayerNormRule",
+    "LRPError", "ModelLoadError", "UnsupportedModelError", "RuleCompatibilityError", "InputError",
+]

@@ -1,0 +1,264 @@
+"""Canonization: bring a loaded graph into the form LRP rules are defined on.
+
+- Identity and Dropout are dropped.
+- Softmax/LogSoftmax producing a graph output are stripped (never inside the graph).
+- Gemm gets transB=1, alpha=beta=1 (transA becomes a Transpose layer).
+- BatchNormalization, and Mul/Div/Add/Sub by per-channel constants (Caffe2-style chains
+  Conv -> BatchNorm -> Mul -> Add), are fused into the preceding Conv/ConvTranspose/Gemm/MatMul,
+  BatchNorm's epsilon included. A BatchNorm that cannot be fused stays as a NormalizationLayer.
+- LayerNormalization is split into the normalization and a Scale (per-feature affine) layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ._onnx_utils import const_value, producer
+from .emitters import EMITTERS
+from .emitters.base import per_channel
+from .emitters.norm import batchnorm_affine
+
+_counter = [0]
+
+
+def _fresh(name):
+    _counter[0] += 1
+    return f"{name}__lrp{_counter[0]}"
+
+
+def _bypass(graph, node, keep):
+    """Remove ``node``: its (first) output is replaced by ``keep`` everywhere, graph outputs included."""
+    out = node.outputs[0]
+    for consumer in list(out.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is out:
+                consumer.inputs[i] = keep
+    for i, t in enumerate(graph.outputs):
+        if t is out:
+            keep.dtype = keep.dtype or out.dtype
+            graph.outputs[i] = keep
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def remove_passthrough(graph) -> None:
+    for node in list(graph.nodes):
+        if node.op == "Identity" or (node.op == "Dropout" and not any(o.outputs for o in node.outputs[1:])):
+            if node.inputs and not isinstance(node.inputs[0], gs.Constant):
+                _bypass(graph, node, node.inputs[0])
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+_SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def strip_softmax_outputs(graph) -> list:
+    """Strip Softmax/LogSoftmax nodes whose output is a graph output, also through reshapes after them
+    (opset < 13 softmax over 4-D tensors converts to Flatten -> Softmax -> Reshape). Never inside the
+    graph. Returns the stripped node names."""
+    stripped = []
+    for i, out in enumerate(list(graph.outputs)):
+        node = producer(out)
+        while node is not None and node.op in _SHAPE_ONLY and len(node.inputs[0].outputs) == 1:
+            node = producer(node.inputs[0])
+        if node is None or node.op not in ("Softmax", "LogSoftmax") or len(node.outputs[0].outputs) > 1:
+            continue
+        logits = node.inputs[0]
+        logits.dtype = logits.dtype or out.dtype
+        if node.outputs[0] is out:
+            graph.outputs[i] = logits
+        else:
+            _bypass(graph, node, logits)
+        stripped.append(node.name or node.op)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return stripped
+
+
+def normalize_gemm(graph) -> None:
+    for node in graph.nodes:
+        if node.op != "Gemm":
+            continue
+        w = const_value(node.inputs[1])
+        if w is None:
+            continue
+        a = node.attrs
+        alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+        weight = (w if a.get("transB", 0) else w.T) * alpha
+        node.inputs[1] = gs.Constant(_fresh(node.inputs[1].name), np.ascontiguousarray(weight.astype(w.dtype)))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            c = const_value(node.inputs[2])
+            if c is not None:
+                c = np.asarray(c) * beta
+                if c.ndim == 2 and c.shape[0] == 1:
+                    c = c[0]
+                node.inputs[2] = gs.Constant(_fresh(node.inputs[2].name), c.astype(w.dtype))
+        if a.get("transA", 0):
+            x = node.inputs[0]
+            xt = gs.Variable(_fresh(x.name + "_T"), dtype=x.dtype)
+            graph.nodes.append(gs.Node("Transpose", name=_fresh("transA"), attrs={"perm": [1, 0]},
+                                       inputs=[x], outputs=[xt]))
+            node.inputs[0] = xt
+        node.attrs = {"transB": 1}
+    graph.toposort()
+
+
+def _affine_of(node, rank, axis, channels):
+    """(scale, shift) per channel of a BatchNorm or a Mul/Div/Add/Sub by a constant, else None."""
+    if node.op == "BatchNormalization":
+        if axis != 1 or any(const_value(t) is None for t in node.inputs[1:5]) or len(
+                [o for o in node.outputs if o.outputs]) > 1 or node.attrs.get("training_mode", 0):
+            return None
+        scale, shift = batchnorm_affine(node)
+        if scale.shape[0] != channels:
+            return None
+        return scale, shift
+    if node.op not in ("Mul", "Div", "Add", "Sub") or len(node.inputs) != 2:
+        return None
+    consts = [const_value(t) for t in node.inputs]
+    if sum(c is not None for c in consts) != 1:
+        return None
+    i = 0 if consts[1] is not None else 1
+    vec = per_channel(consts[1 - i], rank, axis, channels)
+    if vec is None:
+        return None
+    vec = vec.astype(np.float64)
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op == "Mul":
+        return vec, zeros
+    if node.op == "Div":
+        return (1.0 / vec, zeros) if i == 0 else None
+    if node.op == "Add":
+        return ones, vec
+    return (ones, -vec) if i == 0 else (-ones, vec)
+
+
+def _linear_params(node):
+    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    b = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if node.op == "Gemm" and b is not None:
+        b = np.broadcast_to(b, (w.shape[0],))
+    return w, b
+
+
+def fuse_affine(graph) -> int:
+    """Fold per-channel affine nodes into the linear layer before them. Returns how many were fused."""
+    fused, changed = 0, True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not node.outputs:
+                continue
+            emitter = EMITTERS[node.op]
+            w, b = _linear_params(node)
+            if w is None or (node.op == "MatMul" and w.ndim != 2):
+                continue
+            if node.op == "Gemm" and not node.attrs.get("transB", 0):
+                continue
+            out = node.outputs[0]
+            if len(out.outputs) != 1 or out in graph.outputs or out.shape is None:
+                continue
+            nxt = out.outputs[0]
+            if nxt.inputs[0] is not out and nxt.op in ("BatchNormalization", "Div"):
+                continue
+            if node.op == "MatMul" and nxt.op == "Add":
+                continue  # that Add is the MatMul's bias; later affine nodes merge into it below
+            rank = len(out.shape)
+            axis = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else rank - 1
+            channels = emitter.out_channels(w, node)
+            affine = _affine_of(nxt, rank, axis, channels)
+            if affine is None:
+                continue
+            new_w, new_b = emitter.fold_affine(w, b, affine[0], affine[1], node)
+            node.inputs[1] = gs.Constant(_fresh(node.inputs[1].name), np.ascontiguousarray(new_w))
+            if node.op == "MatMul":
+                # A MatMul's bias is an Add after it: turn the affine node into that Add.
+                nxt.op, nxt.attrs = "Add", {}
+                nxt.inputs[:] = [out, gs.Constant(_fresh("bias"), new_b)]
+                del nxt.inputs[2:]
+                # Merge with an Add of a constant that may follow (MatMul -> Add -> Mul -> ...).
+            else:
+                bias = gs.Constant(_fresh((node.name or node.op) + "_bias"), new_b)
+                if len(node.inputs) > 2:
+                    node.inputs[2] = bias
+                else:
+                    node.inputs.append(bias)
+                _bypass(graph, nxt, out)
+            fused += 1
+            changed = True
+        graph.cleanup(remove_unused_graph_inputs=False)
+    _merge_matmul_bias_chains(graph)
+    return fused
+
+
+def _merge_matmul_bias_chains(graph):
+    """MatMul -> Add(c1) -> Add(c2) / Mul(c) chains: fold the later affine node into the first Add."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "MatMul" or const_value(node.inputs[1]) is None or len(node.outputs[0].outputs) != 1:
+                continue
+            add = node.outputs[0].outputs[0]
+            if add.op != "Add" or node.outputs[0] in graph.outputs:
+                continue
+            consts = [const_value(t) for t in add.inputs]
+            if sum(c is not None for c in consts) != 1 or add.outputs[0] in graph.outputs:
+                continue
+            if len(add.outputs[0].outputs) != 1 or add.outputs[0].shape is None:
+                continue
+            w = const_value(node.inputs[1])
+            bias = next(c for c in consts if c is not None)
+            channels = w.shape[1]
+            rank = len(add.outputs[0].shape)
+            bvec = per_channel(bias, rank, rank - 1, channels)
+            affine = _affine_of(add.outputs[0].outputs[0], rank, rank - 1, channels)
+            if bvec is None or affine is None:
+                continue
+            nxt = add.outputs[0].outputs[0]
+            scale, shift = affine
+            node.inputs[1] = gs.Constant(_fresh(node.inputs[1].name), (w * scale[None, :]).astype(w.dtype))
+            add.inputs[:] = [node.outputs[0], gs.Constant(_fresh("bias"), (bvec * scale + shift).astype(w.dtype))]
+            _bypass(graph, nxt, add.outputs[0])
+            changed = True
+        graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def split_layernorm(graph) -> int:
+    """LayerNormalization(x, scale, bias) -> LayerNormalization(x, 1, 0) then Mul(scale) + Add(bias)."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "LayerNormalization" or const_value(node.inputs[1]) is None:
+            continue
+        scale = const_value(node.inputs[1])
+        bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if np.all(scale == 1) and (bias is None or np.all(bias == 0)):
+            continue
+        out = node.outputs[0]
+        normalized = gs.Variable(_fresh(out.name + "_normalized"), dtype=out.dtype, shape=out.shape)
+        node.outputs[0] = normalized
+        node.inputs[1] = gs.Constant(_fresh("ln_ones"), np.ones_like(scale))
+        del node.inputs[2:]
+        if bias is None:
+            graph.nodes.append(gs.Node("Mul", name=_fresh((node.name or "ln") + "_scale"),
+                                       inputs=[normalized, gs.Constant(_fresh("ln_scale"), scale)], outputs=[out]))
+        else:
+            scaled = gs.Variable(_fresh(out.name + "_scaled"), dtype=out.dtype, shape=out.shape)
+            graph.nodes.append(gs.Node("Mul", name=_fresh((node.name or "ln") + "_scale"),
+                                       inputs=[normalized, gs.Constant(_fresh("ln_scale"), scale)],
+                                       outputs=[scaled]))
+            graph.nodes.append(gs.Node("Add", name=_fresh((node.name or "ln") + "_bias"),
+                                       inputs=[scaled, gs.Constant(_fresh("ln_bias"), bias)], outputs=[out]))
+        count += 1
+    graph.toposort()
+    return count
+
+
+def canonize_graph(graph, strip_softmax=True) -> dict:
+    """Canonize a loaded gs graph in place. Returns a summary of what changed."""
+    remove_passthrough(graph)
+    stripped = strip_softmax_outputs(graph) if strip_softmax else []
+    normalize_gemm(graph)
+    fused = fuse_affine(graph)
+    split = split_layernorm(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return {"stripped_softmax": stripped, "fused_affine": fused, "split_layernorm": split}

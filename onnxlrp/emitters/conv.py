@@ -1,0 +1,163 @@
+"""Conv and ConvTranspose: forward with (modified) weights, backward with the transposed op.
+
+The transpose of a Conv is a ConvTranspose with explicit pads and output_padding (never auto_pad or
+output_shape, which onnxruntime's CUDA and CPU kernels treat differently); the transpose of a
+ConvTranspose is a Conv with the same weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._onnx_utils import const_value
+from ..rules.base import Params
+from .base import Emitter, register
+
+
+def conv_geometry(node, in_spatial, kernel, out_spatial=None):
+    """Explicit (strides, dilations, pads_begin, pads_end) of a Conv/pool node for a static input size."""
+    n = len(kernel)
+    strides = list(node.attrs.get("strides", [1] * n))
+    dilations = list(node.attrs.get("dilations", [1] * n))
+    pads = list(node.attrs.get("pads", [0] * (2 * n)))
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    begin, end = pads[:n], pads[n:]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+    elif auto_pad == "VALID":
+        begin, end = [0] * n, [0] * n
+    return strides, dilations, begin, end
+
+
+def transpose_pads(in_spatial, out_spatial, kernel, strides, dilations, begin):
+    """pads and output_padding of the ConvTranspose that maps an output-sized cotangent back onto an
+    input of size in_spatial (windows that ran past the input are cropped, rows no window read get 0)."""
+    pads_end, output_padding = [], []
+    for size, out, k, s, d, pb in zip(in_spatial, out_spatial, kernel, strides, dilations, begin):
+        total = s * (out - 1) + (k - 1) * d + 1 - pb - size
+        pads_end.append(max(total, 0))
+        output_padding.append(max(-total, 0))
+    return list(begin) + pads_end, output_padding
+
+
+@register
+class ConvEmitter(Emitter):
+    op_types = ("Conv",)
+    group = "ConvLayer"
+
+    def unsupported_reason(self, node, is_data):
+        if len(node.inputs) < 2 or const_value(node.inputs[1]) is None:
+            return "the weight is not a constant (only constant-weight convolutions are layers)"
+        if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
+            return "the bias is not a constant"
+        if not is_data(node.inputs[0]):
+            return "the data input is not the first input"
+        return None
+
+    def data_input_indices(self, node, is_data):
+        return [0]
+
+    def params(self, layer):
+        node = layer.node
+        bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        return Params(const_value(node.inputs[1]), bias)
+
+    def geometry(self, ctx, layer):
+        x_shape = ctx.shape(layer.inputs[0])
+        y_shape = ctx.shape(layer.outputs[0])
+        kernel = list(layer.params.weight.shape[2:])
+        strides, dilations, begin, end = conv_geometry(layer.node, x_shape[2:], kernel)
+        return x_shape, y_shape, kernel, strides, dilations, begin, end
+
+    def forward(self, ctx, layer, xs, params):
+        _, _, kernel, strides, dilations, begin, end = self.geometry(ctx, layer)
+        inputs = [xs[0].var, ctx.b.const(params.weight)]
+        if params.bias is not None:
+            inputs.append(ctx.b.const(params.bias))
+        return ctx.b.op("Conv", inputs, attrs={"strides": strides, "dilations": dilations, "pads": begin + end,
+                                               "group": layer.node.attrs.get("group", 1)})
+
+    def backward(self, ctx, layer, s, params):
+        x_shape, y_shape, kernel, strides, dilations, begin, _ = self.geometry(ctx, layer)
+        pads, output_padding = transpose_pads(x_shape[2:], y_shape[2:], kernel, strides, dilations, begin)
+        grad = ctx.b.op("ConvTranspose", [s, ctx.b.const(params.weight)],
+                        attrs={"strides": strides, "dilations": dilations, "pads": pads,
+                               "output_padding": output_padding, "group": layer.node.attrs.get("group", 1)})
+        return [grad]
+
+    # -- used by canonization: fold a per-output-channel affine map into weight and bias --------------
+    out_axis = 0
+
+    def fold_affine(self, weight, bias, scale, shift, node):
+        shape = [-1] + [1] * (weight.ndim - 1)
+        new_w = weight * scale.reshape(shape).astype(weight.dtype)
+        b = np.zeros(weight.shape[0], dtype=np.float64) if bias is None else bias.astype(np.float64)
+        return new_w.astype(weight.dtype), (b * scale + shift).astype(weight.dtype)
+
+    def out_channels(self, weight, node):
+        return weight.shape[0]
+
+
+@register
+class ConvTransposeEmitter(ConvEmitter):
+    op_types = ("ConvTranspose",)
+
+    def geometry(self, ctx, layer):
+        # Roles swap: the layer's output is the transpose's "input" side.
+        x_shape = ctx.shape(layer.inputs[0])
+        y_shape = ctx.shape(layer.outputs[0])
+        node = layer.node
+        kernel = list(layer.params.weight.shape[2:])
+        n = len(kernel)
+        strides = list(node.attrs.get("strides", [1] * n))
+        dilations = list(node.attrs.get("dilations", [1] * n))
+        pads = node.attrs.get("pads")
+        if pads is None or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            # Derive the cropping from the shapes shape inference gave us.
+            totals = [s * (i - 1) + (k - 1) * d + 1 - o for i, o, k, s, d in
+                      zip(x_shape[2:], y_shape[2:], kernel, strides, dilations)]
+            auto_pad = node.attrs.get("auto_pad", "NOTSET")
+            upper = auto_pad not in ("SAME_LOWER", b"SAME_LOWER")
+            begin = [max(t, 0) // 2 if upper else max(t, 0) - max(t, 0) // 2 for t in totals]
+            end = [max(t, 0) - bgn for t, bgn in zip(totals, begin)]
+        else:
+            begin, end = list(pads[:n]), list(pads[n:])
+        return x_shape, y_shape, kernel, strides, dilations, begin, end
+
+    def forward(self, ctx, layer, xs, params):
+        x_shape, y_shape, kernel, strides, dilations, begin, end = self.geometry(ctx, layer)
+        inputs = [xs[0].var, ctx.b.const(params.weight)]
+        if params.bias is not None:
+            inputs.append(ctx.b.const(params.bias))
+        _, output_padding = transpose_pads(y_shape[2:], x_shape[2:], kernel, strides, dilations, begin)
+        return ctx.b.op("ConvTranspose", inputs, attrs={
+            "strides": strides, "dilations": dilations, "pads": begin + end,
+            "output_padding": output_padding, "group": layer.node.attrs.get("group", 1)})
+
+    def backward(self, ctx, layer, s, params):
+        _, _, _, strides, dilations, begin, end = self.geometry(ctx, layer)
+        # Output cells that only output_padding created see no input: the Conv's end pads cover them.
+        return [ctx.b.op("Conv", [s, ctx.b.const(params.weight)],
+                         attrs={"strides": strides, "dilations": dilations, "pads": begin + end,
+                                "group": layer.node.attrs.get("group", 1)})]
+
+    def out_channels(self, weight, node):
+        return weight.shape[1] * node.attrs.get("group", 1)
+
+    def fold_affine(self, weight, bias, scale, shift, node):
+        g = node.attrs.get("group", 1)
+        cin, cout_g = weight.shape[0], weight.shape[1]
+        w = weight.reshape((g, cin // g, cout_g) + weight.shape[2:])
+        s = scale.reshape((g, 1, cout_g) + (1,) * (weight.ndim - 2))
+        new_w = (w * s).reshape(weight.shape)
+        b = np.zeros(cout_g * g, dtype=np.float64) if bias is None else bias.astype(np.float64)
+        return new_w.astype(weight.dtype), (b * scale + shift).astype(weight.dtype)
+
+

@@ -1,0 +1,155 @@
+"""Pooling: MaxPool / GlobalMaxPool (winner takes all through the pool's own Indices output, scattered
+back with ScatterElements(reduction="add") so overlapping windows accumulate), AveragePool /
+GlobalAveragePool / ReduceMean (linear maps; their transposes spread the cotangent over each window)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .._onnx_utils import const_value
+from .base import Emitter, register
+from .conv import conv_geometry, transpose_pads
+
+
+def _spatial_kernel(node):
+    return list(node.attrs["kernel_shape"])
+
+
+@register
+class MaxPoolEmitter(Emitter):
+    op_types = ("MaxPool", "GlobalMaxPool")
+    group = "PoolingLayer"
+
+    def unsupported_reason(self, node, is_data):
+        if node.attrs.get("storage_order", 0):
+            return "storage_order=1 (column-major indices) is not supported"
+        return None
+
+    def prepare(self, ctx, layer):
+        node = layer.node
+        if node.op == "GlobalMaxPool":  # a MaxPool over the whole (static) spatial extent
+            node.op = "MaxPool"
+            node.attrs = {"kernel_shape": list(ctx.shape(layer.inputs[0])[2:])}
+        if len(node.outputs) < 2 or not node.outputs[1].name:
+            indices = ctx.b.variable("maxpool_indices", np.int64)
+            node.outputs = [node.outputs[0], indices]
+        layer.extra["indices"] = node.outputs[1]
+
+    def forward(self, ctx, layer, xs, params):
+        return ctx.b.op("MaxPool", [xs[0].var], attrs=dict(layer.node.attrs))
+
+    def backward(self, ctx, layer, s, params):
+        b = ctx.b
+        x = layer.inputs[0]
+        flat = b.i64([-1])
+        zeros = b.op("ConstantOfShape", [b.op("Shape", [b.op("Reshape", [x, flat])])],
+                     attrs={"value": gs.Constant("value", np.zeros(1, dtype=b.dtype))})
+        idx = b.op("Reshape", [layer.extra["indices"], flat])
+        upd = b.op("Reshape", [s, flat])
+        grad = b.op("ScatterElements", [zeros, idx, upd], attrs={"axis": 0, "reduction": "add"})
+        return [b.op("Reshape", [grad, b.op("Shape", [x])])]
+
+
+def _window_counts(size, out, k, s, d, pb, pe):
+    """Per output position along one axis: (cells inside the input, cells inside the padded input)."""
+    starts = np.arange(out) * s - pb
+    pos = starts[:, None] + np.arange(k)[None, :] * d
+    inside = ((pos >= 0) & (pos < size)).sum(1)
+    padded = ((pos >= -pb) & (pos < size + pe)).sum(1)
+    return inside, padded
+
+
+@register
+class AveragePoolEmitter(Emitter):
+    op_types = ("AveragePool",)
+    group = "PoolingLayer"
+
+    def _geometry(self, ctx, layer):
+        x_shape, y_shape = ctx.shape(layer.inputs[0]), ctx.shape(layer.outputs[0])
+        kernel = _spatial_kernel(layer.node)
+        strides, dilations, begin, end = conv_geometry(layer.node, x_shape[2:], kernel)
+        return x_shape, y_shape, kernel, strides, dilations, begin, end
+
+    def forward(self, ctx, layer, xs, params):
+        return ctx.b.op("AveragePool", [xs[0].var], attrs=dict(layer.node.attrs))
+
+    def backward(self, ctx, layer, s, params):
+        b = ctx.b
+        x_shape, y_shape, kernel, strides, dilations, begin, end = self._geometry(ctx, layer)
+        include_pad = layer.node.attrs.get("count_include_pad", 0)
+        divisor = np.ones((), dtype=np.float64)
+        for axis, (size, out, k, st, d, pb, pe) in enumerate(
+                zip(x_shape[2:], y_shape[2:], kernel, strides, dilations, begin, end)):
+            inside, padded = _window_counts(size, out, k, st, d, pb, pe)
+            per_axis = padded if include_pad else inside
+            divisor = np.multiply.outer(divisor, np.maximum(per_axis, 1))
+        channels = x_shape[1]
+        scaled = b.op("Mul", [s, b.const((1.0 / divisor)[None, None].astype(b.dtype))])
+        ones = np.ones((channels, 1) + tuple(kernel), dtype=b.dtype)
+        pads, output_padding = transpose_pads(x_shape[2:], y_shape[2:], kernel, strides, dilations, begin)
+        return [b.op("ConvTranspose", [scaled, b.const(ones)], attrs={
+            "strides": strides, "dilations": dilations, "pads": pads, "output_padding": output_padding,
+            "group": channels})]
+
+
+@register
+class GlobalAveragePoolEmitter(Emitter):
+    op_types = ("GlobalAveragePool",)
+    group = "PoolingLayer"
+
+    def forward(self, ctx, layer, xs, params):
+        return ctx.b.op("GlobalAveragePool", [xs[0].var])
+
+    def backward(self, ctx, layer, s, params):
+        b = ctx.b
+        x = layer.inputs[0]
+        count = int(np.prod(ctx.shape(x)[2:]))
+        spread = b.op("Expand", [s, b.op("Shape", [x])])
+        return [b.op("Mul", [spread, b.const(np.asarray(1.0 / count, dtype=b.dtype))])]
+
+
+def reduce_axes(node, rank):
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        axes = const_value(node.inputs[1])
+    if axes is None:
+        return list(range(rank))
+    return sorted(int(a) % rank for a in np.atleast_1d(axes))
+
+
+@register
+class ReduceMeanEmitter(Emitter):
+    """ReduceMean over any axes but the batch (e.g. a spatial mean in place of GlobalAveragePool)."""
+    op_types = ("ReduceMean",)
+    group = "PoolingLayer"
+
+    def unsupported_reason(self, node, is_data):
+        if len(node.inputs) > 1 and node.inputs[1].name and const_value(node.inputs[1]) is None:
+            return "the axes are not constant"
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return "noop_with_empty_axes is not supported"
+        return None
+
+    def data_input_indices(self, node, is_data):
+        return [0]
+
+    def forward(self, ctx, layer, xs, params):
+        b = ctx.b
+        axes = reduce_axes(layer.node, len(ctx.shape(layer.inputs[0])))
+        keep = layer.node.attrs.get("keepdims", 1)
+        total = b.op("ReduceSum", [xs[0].var, b.i64(axes)], attrs={"keepdims": keep})
+        count = int(np.prod([ctx.shape(layer.inputs[0])[a] for a in axes]))
+        return b.op("Mul", [total, b.const(np.asarray(1.0 / count, dtype=b.dtype))])
+
+    def backward(self, ctx, layer, s, params):
+        b = ctx.b
+        x = layer.inputs[0]
+        shape = ctx.shape(x)
+        axes = reduce_axes(layer.node, len(shape))
+        if 0 in axes:
+            raise ValueError(f"node '{layer.name}' (ReduceMean) reduces over the batch axis")
+        if not layer.node.attrs.get("keepdims", 1):
+            s = b.op("Unsqueeze", [s, b.i64(axes)])
+        count = int(np.prod([shape[a] for a in axes]))
+        spread = b.op("Expand", [s, b.op("Shape", [x])])
+        return [b.op("Mul", [spread, b.const(np.asarray(1.0 / count, dtype=b.dtype))])]

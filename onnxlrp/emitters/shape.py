@@ -1,0 +1,148 @@
+"""Reshaping ops: relevance is moved, never changed. Each backward is the inverse data movement."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .._onnx_utils import const_value
+from .base import Emitter, register
+
+
+class ReshapingEmitter(Emitter):
+    group = "ReshapingLayer"
+    linear = False
+
+    def data_input_indices(self, node, is_data):
+        return [0]
+
+    def unsupported_reason(self, node, is_data):
+        if not is_data(node.inputs[0]):
+            return "the data input is not the first input"
+        return None
+
+
+@register
+class ReshapeEmitter(ReshapingEmitter):
+    op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Dropout", "Expand")
+
+    def unsupported_reason(self, node, is_data):
+        if node.op == "Expand":
+            return "Expand duplicates values; relevance cannot be passed through it"
+        if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+            return "the dropout mask is used by the graph"
+        return super().unsupported_reason(node, is_data)
+
+    def pass_through(self, ctx, layer, relevance_out):
+        r = relevance_out[0]
+        if r is None:
+            return [None]
+        if ctx.shape(layer.inputs[0]) == ctx.shape(layer.outputs[0]):
+            return [r]
+        return [ctx.b.op("Reshape", [r, ctx.b.op("Shape", [layer.inputs[0]])])]
+
+
+@register
+class TransposeEmitter(ReshapingEmitter):
+    op_types = ("Transpose",)
+
+    def pass_through(self, ctx, layer, relevance_out):
+        rank = len(ctx.shape(layer.inputs[0]))
+        perm = list(layer.node.attrs.get("perm", list(reversed(range(rank)))))
+        inverse = list(np.argsort(perm))
+        return [ctx.b.op("Transpose", [relevance_out[0]], attrs={"perm": inverse})]
+
+
+@register
+class ConcatEmitter(ReshapingEmitter):
+    op_types = ("Concat",)
+
+    def data_input_indices(self, node, is_data):
+        return [i for i, t in enumerate(node.inputs) if is_data(t)]
+
+    def unsupported_reason(self, node, is_data):
+        return None
+
+    def pass_through(self, ctx, layer, relevance_out):
+        node, b = layer.node, ctx.b
+        rank = len(ctx.shape(layer.outputs[0]))
+        axis = node.attrs["axis"] % rank
+        if axis == 0:
+            raise ValueError(f"node '{layer.name}' (Concat) concatenates along the batch axis")
+        sizes = [ctx.shape(t)[axis] for t in node.inputs]
+        parts = b.op("Split", [relevance_out[0], b.i64(sizes)], attrs={"axis": axis}, outputs=len(sizes))
+        parts = parts if isinstance(parts, list) else [parts]
+        data = {id(t) for t in layer.inputs}
+        return [p for t, p in zip(node.inputs, parts) if id(t) in data]
+
+
+@register
+class SplitEmitter(ReshapingEmitter):
+    op_types = ("Split",)
+
+    def pass_through(self, ctx, layer, relevance_out):
+        b = ctx.b
+        rank = len(ctx.shape(layer.inputs[0]))
+        axis = layer.node.attrs.get("axis", 0) % rank
+        parts = []
+        for out, r in zip(layer.outputs, relevance_out):
+            if r is None:  # an output no relevance reached: zeros of its shape
+                r = b.op("ConstantOfShape", [b.op("Shape", [out])], attrs={"value": gs.Constant("value", np.zeros(1, dtype=b.dtype))})
+            parts.append(r)
+        return [b.op("Concat", parts, attrs={"axis": axis})]
+
+
+@register
+class SliceEmitter(ReshapingEmitter):
+    op_types = ("Slice",)
+
+    def _slice(self, node):
+        vals = [const_value(t) if t.name else None for t in node.inputs[1:]]
+        return vals + [None] * (4 - len(vals))
+
+    def unsupported_reason(self, node, is_data):
+        starts, ends, axes, steps = self._slice(node)
+        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3].name and axes is None):
+            return "starts/ends/axes are not constants"
+        if steps is not None and np.any(np.asarray(steps) != 1):
+            return "slices with steps other than 1 are not supported"
+        return super().unsupported_reason(node, is_data)
+
+    def pass_through(self, ctx, layer, relevance_out):
+        b = ctx.b
+        shape = ctx.shape(layer.inputs[0])
+        out_shape = ctx.shape(layer.outputs[0])
+        starts, ends, axes, _ = self._slice(layer.node)
+        rank = len(shape)
+        axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
+        begin, end = [0] * rank, [0] * rank
+        for a, st in zip(axes, starts):
+            size = shape[a]
+            st = int(st) + size if st < 0 else int(st)
+            st = min(max(st, 0), size)
+            begin[a] = st
+            end[a] = size - st - out_shape[a]
+        return [b.op("Pad", [relevance_out[0], b.i64(begin + end)], attrs={"mode": "constant"})]
+
+
+@register
+class PadEmitter(ReshapingEmitter):
+    op_types = ("Pad",)
+
+    def unsupported_reason(self, node, is_data):
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            return f"Pad mode '{mode}' copies values; only constant padding is supported"
+        if len(node.inputs) < 2 or const_value(node.inputs[1]) is None:
+            return "the pads are not constant"
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            return "Pad with an axes input is not supported"
+        return super().unsupported_reason(node, is_data)
+
+    def pass_through(self, ctx, layer, relevance_out):
+        b = ctx.b
+        pads = [int(p) for p in const_value(layer.node.inputs[1])]
+        rank = len(pads) // 2
+        # Cropping the pads again is a negative pad.
+        return [b.op("Pad", [relevance_out[0], b.i64([-p for p in pads[:rank]] + [-p for p in pads[rank:]])],
+                     attrs={"mode": "constant"})]

@@ -1,0 +1,130 @@
+"""Layers: every node left after canonization that touches data, numbered in topological order."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import onnx_graphsurgeon as gs
+
+from ._onnx_utils import const_value
+from .emitters import EMITTERS
+from .errors import UnsupportedModelError
+
+#: Ops whose outputs never carry relevance (shape arithmetic).
+NON_DATA_OPS = {"Shape", "Size"}
+
+
+@dataclass
+class Layer:
+    index: int
+    name: str
+    op_type: str
+    group: str
+    nodes: list                     # forward nodes of this layer (main node first, then a fused bias Add)
+    inputs: list                    # data input tensors (relevance flows to these)
+    outputs: list                   # output tensors (relevance arrives here)
+    emitter: object
+    params: object = None           # rules.Params or None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def node(self):
+        return self.nodes[0]
+
+    @property
+    def linear(self) -> bool:
+        return bool(self.emitter.linear)
+
+    @property
+    def has_params(self) -> bool:
+        return self.params is not None
+
+    def shape_str(self) -> str:
+        def fmt(t):
+            return "(" + ", ".join(str(d) for d in (t.shape or [])) + ")" if t.shape is not None else "?"
+        ins = ", ".join(fmt(t) for t in self.inputs)
+        outs = ", ".join(fmt(t) for t in self.outputs)
+        return f"{ins} -> {outs}"
+
+    def __repr__(self):
+        return f"Layer({self.index}, {self.name!r}, {self.op_type})"
+
+
+def data_tensors(graph: gs.Graph, data_input: str) -> set:
+    """Names of tensors that depend on the data input through data flow."""
+    data = {data_input}
+    for node in graph.nodes:
+        if node.op in NON_DATA_OPS:
+            continue
+        if any(t.name in data for t in node.inputs if not isinstance(t, gs.Constant)):
+            data.update(t.name for t in node.outputs)
+    return data
+
+
+def _fused_bias(node, emitter):
+    """An Add of a constant that only follows ``node`` and that its emitter takes as bias."""
+    if not getattr(emitter, "absorbs_bias", False) or len(node.outputs[0].outputs) != 1:
+        return None
+    nxt = node.outputs[0].outputs[0]
+    if nxt.op != "Add":
+        return None
+    consts = [const_value(t) for t in nxt.inputs]
+    if sum(c is not None for c in consts) != 1:
+        return None
+    return nxt if emitter.bias_fits(node, nxt) else None
+
+
+def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
+    """Number the data-carrying nodes of a canonized graph. Raises UnsupportedModelError listing every
+    unsupported node (with strict=False they pass relevance through unchanged instead)."""
+    graph.toposort()
+    data = data_tensors(graph, data_input)
+
+    def is_data(t):
+        return not isinstance(t, gs.Constant) and t.name in data
+
+    layers, unsupported, absorbed = [], [], set()
+    for node in graph.nodes:
+        if id(node) in absorbed or node.op in NON_DATA_OPS:
+            continue
+        if not any(is_data(t) for t in node.inputs):
+            continue
+        emitter = EMITTERS.get(node.op)
+        if emitter is not None and hasattr(emitter, "resolve"):
+            emitter = emitter.resolve(node, is_data)
+        reason = None
+        if emitter is None:
+            reason = "no emitter for this op type"
+        else:
+            reason = emitter.unsupported_reason(node, is_data)
+        if reason:
+            unsupported.append((node.name, node.op, reason))
+            if strict:
+                continue
+            from .emitters.elementwise import FALLBACK_PASS
+            emitter = FALLBACK_PASS
+        nodes = [node]
+        bias = _fused_bias(node, emitter)
+        if bias is not None:
+            nodes.append(bias)
+            absorbed.add(id(bias))
+        idx = emitter.data_input_indices(node, is_data)
+        layer = Layer(index=len(layers), name=node.name or f"{node.op}_{len(layers)}", op_type=node.op,
+                      group=emitter.group, nodes=nodes, inputs=[node.inputs[i] for i in idx],
+                      outputs=list(nodes[-1].outputs), emitter=emitter)
+        layer.params = emitter.params(layer)
+        layers.append(layer)
+    if unsupported and strict:
+        raise UnsupportedModelError(unsupported_message(unsupported), unsupported)
+    return layers
+
+
+def unsupported_message(unsupported) -> str:
+    lines = [f"{len(unsupported)} node(s) are not supported by onnxlrp:"]
+    for name, op, reason in unsupported:
+        lines.append(f"  - node '{name}' (op type {op}): {reason}")
+    lines.append("To extend onnxlrp, register an emitter for the op type "
+                 "(see onnxlrp.LRP_CONFIG.register_emitter and onnxlrp/emitters/), or pass "
+                 "skip_checks=True to treat unsupported nodes as pass-through (relevance passes unchanged; "
+                 "only correct for shape-preserving elementwise ops).")
+    return "\n".join(lines)

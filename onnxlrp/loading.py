@@ -1,0 +1,188 @@
+"""Load an ONNX model from any exporter into one clean, analyzable form.
+
+Steps: read (external data only from inside the model's own folder), validate with onnx's checker,
+inline local functions, convert the opset up to MIN_EMIT_OPSET, make the batch dimension symbolic,
+fold constants (opset-9 graphs hold weights as Constant/ConstantOfShape nodes; legacy exports compute
+Flatten shapes with Shape/Gather/Concat) and infer shapes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnx.version_converter
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from ._onnx_utils import EMIT_IR_VERSION, MIN_EMIT_OPSET, default_opset
+from .errors import ModelLoadError
+
+BATCH_DIM = "batch"
+
+
+@dataclass
+class LoadedModel:
+    graph: gs.Graph
+    source: str  # a path or "<ModelProto>", for error messages
+    data_input: str
+    other_inputs: list
+    opset: int
+
+
+def _read_model(path: str) -> onnx.ModelProto:
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise ModelLoadError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node and not model.graph.input:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph inside)")
+    _load_external_data(model, path)
+    return model
+
+
+def _external_tensors(model):
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    tensors = list(_external_tensors(model))
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = os.path.realpath(os.path.join(base, location))
+        if os.path.isabs(location) or os.path.commonpath([base, target]) != base:
+            raise ModelLoadError(
+                f"{path}: tensor '{tensor.name}' points to external data '{location}' outside the "
+                f"model's folder {base}; refusing to read it")
+        if not os.path.isfile(target):
+            raise ModelLoadError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+    if tensors:
+        onnx.load_external_data_for_model(model, base)
+
+
+def _check(model: onnx.ModelProto, source: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source}: fails onnx's checker: {first}") from None
+
+
+def _upgrade_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    opset = default_opset(model)
+    if opset >= MIN_EMIT_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, MIN_EMIT_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors/IndexErrors
+        raise ModelLoadError(
+            f"{source}: cannot convert opset {opset} to {MIN_EMIT_OPSET}: {exc}") from None
+
+
+def _is_float(tensor) -> bool:
+    return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
+
+
+def _symbolic_batch(graph: gs.Graph, data_input: gs.Variable) -> int | None:
+    """Make dim 0 of the data input symbolic so any batch size runs. Returns the old static batch."""
+    shape = data_input.shape
+    if not shape:
+        return None
+    old = shape[0] if isinstance(shape[0], int) else None
+    data_input.shape = [BATCH_DIM] + list(shape[1:])
+    for out in graph.outputs:
+        if out.shape:
+            out.shape = [BATCH_DIM] + list(out.shape[1:])
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
+            tensor.shape = None
+    return old
+
+
+def _fix_batch_reshapes(graph: gs.Graph, old_batch) -> None:
+    """Caffe2-era graphs reshape to a literal [1, -1]: copy the batch from the input instead."""
+    if old_batch != 1:
+        return
+    for node in graph.nodes:
+        if node.op != "Reshape" or node.attrs.get("allowzero", 0):
+            continue
+        target = node.inputs[1]
+        if isinstance(target, gs.Constant):
+            values = np.array(target.values, dtype=np.int64).copy()
+            if values.ndim == 1 and values.size >= 2 and values[0] == 1 and -1 not in values[:1]:
+                values[0] = 0
+                node.inputs[1] = gs.Constant(target.name + "_batch", values)
+
+
+def _infer_shapes(graph: gs.Graph, source: str) -> gs.Graph:
+    model = gs.export_onnx(graph, do_type_check=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{source}: shape inference failed: {exc}") from None
+    return gs.import_onnx(model)
+
+
+def load_model(model, input_name: str | None = None) -> LoadedModel:
+    """Read and normalize a model given as a path or an onnx.ModelProto."""
+    if isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        proto = _read_model(source)
+    elif isinstance(model, onnx.ModelProto):
+        source = "<ModelProto>"
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        if any(True for _ in _external_tensors(proto)):
+            raise ModelLoadError("<ModelProto>: tensors hold external data; pass the model's path instead")
+    else:
+        raise ModelLoadError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
+
+    _check(proto, source)
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    proto = _upgrade_opset(proto, source)
+    # IR < 4 lists initializers as inputs and shape inference ignores the ones that are not: lift it.
+    proto.ir_version = max(proto.ir_version, EMIT_IR_VERSION)
+
+    graph = gs.import_onnx(proto)
+    # Old IR versions list initializers as inputs too; gs already turned those into Constants.
+    data_inputs = [t for t in graph.inputs if isinstance(t, gs.Variable)]
+    if not data_inputs:
+        raise ModelLoadError(f"{source}: the graph has no data input (every input has an initializer)")
+    if input_name is None:
+        data_input = data_inputs[0]
+    else:
+        matches = [t for t in data_inputs if t.name == input_name]
+        if not matches:
+            raise ModelLoadError(f"{source}: no data input named '{input_name}'; "
+                                 f"data inputs are {[t.name for t in data_inputs]}")
+        data_input = matches[0]
+    if not _is_float(data_input):
+        raise ModelLoadError(f"{source}: data input '{data_input.name}' has dtype {data_input.dtype}; "
+                             "LRP needs a floating-point input")
+    if not graph.outputs:
+        raise ModelLoadError(f"{source}: the graph has no outputs")
+
+    old_batch = _symbolic_batch(graph, data_input)
+    _fix_batch_reshapes(graph, old_batch)
+    graph = _infer_shapes(graph, source)
+    try:
+        graph.fold_constants(error_ok=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{source}: constant folding failed: {exc}") from None
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph = _infer_shapes(graph, source)
+    data_input = next(t for t in graph.inputs if t.name == data_input.name)
+    others = [t.name for t in graph.inputs if isinstance(t, gs.Variable) and t is not data_input]
+    return LoadedModel(graph=graph, source=source, data_input=data_input.name, other_inputs=others,
+                       opset=max(default_opset(proto), MIN_EMIT_OPSET))

@@ -1,0 +1,210 @@
+"""The graph rewriter: one ONNX model holding the forward pass and the relevance backward pass.
+
+Inputs:  the model's data input; ``output_selection`` (int64 [N], -1 = the argmax of that sample's
+         flattened output); ``normalize_output_relevance`` (bool scalar: seed 1 or the output's value).
+Outputs: ``output`` (the model output, softmax stripped), ``relevance`` (shaped like the input),
+         ``output_selection_used`` (int64 [N]) and, on request, ``relevance_layer_<i>`` (relevance arriving
+         at layer i's output).
+Modified weights are initializers computed once; rules reuse the forward pass's own pre-activations.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ._onnx_utils import EMIT_IR_VERSION
+from .rules.expr import Sym
+
+OUTPUT = "output"
+RELEVANCE = "relevance"
+SELECTION = "output_selection"
+SELECTION_USED = "output_selection_used"
+NORMALIZE = "normalize_output_relevance"
+
+
+class Builder:
+    """Adds nodes and deduplicated constants to a gs graph."""
+
+    def __init__(self, graph: gs.Graph, dtype):
+        self.graph = graph
+        self.dtype = np.dtype(dtype)
+        self.onnx_dtype = onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
+        self._n = 0
+        self._consts = {}
+
+    def fresh(self, hint):
+        self._n += 1
+        return f"lrp/{hint}_{self._n}"
+
+    def variable(self, hint, dtype=None):
+        return gs.Variable(self.fresh(hint), dtype=dtype)
+
+    def op(self, op, inputs, attrs=None, outputs=1):
+        inputs = [gs.Variable.empty() if (isinstance(i, str) and i == "") else i for i in inputs]
+        outs = [gs.Variable(self.fresh(op.lower())) for _ in range(outputs)]
+        self.graph.nodes.append(gs.Node(op, name=self.fresh(op), attrs=attrs or {}, inputs=inputs, outputs=outs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, array):
+        array = np.asarray(array)
+        if array.dtype.kind == "f":
+            array = array.astype(self.dtype, copy=False)
+        array = np.ascontiguousarray(array)
+        key = (array.dtype.str, array.shape, hashlib.blake2b(array.tobytes(), digest_size=16).digest())
+        if key not in self._consts:
+            self._consts[key] = gs.Constant(self.fresh("const"), array)
+        return self._consts[key]
+
+    def i64(self, values):
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    def add_all(self, vars_):
+        vars_ = [v for v in vars_ if v is not None]
+        if not vars_:
+            return None
+        return vars_[0] if len(vars_) == 1 else self.op("Sum", vars_)
+
+
+class EmitContext:
+    """What emitters and rules see: the builder, static shapes, and the shared term machinery."""
+
+    def __init__(self, builder):
+        self.b = builder
+
+    @staticmethod
+    def shape(tensor):
+        if tensor.shape is None:
+            raise ValueError(f"tensor '{tensor.name}' has no inferred shape")
+        return tuple(tensor.shape)
+
+    def sym(self, var, like):
+        return Sym(self.b, var, self.shape(like)[1:])
+
+    def emit_terms(self, layer, groups, relevance_out):
+        """The shared emission of every Group/Term rule (see onnxlrp.rules.base)."""
+        b, emitter = self.b, layer.emitter
+        r_out = relevance_out[0]
+        xs = [Sym(b, t, self.shape(t)[1:]) for t in layer.inputs]
+        z_orig = layer.outputs[0]
+        contributions = [[] for _ in xs]
+        for group in groups:
+            terms = []
+            z = None
+            for term in group.terms:
+                inputs = [term.input(x) for x in xs]
+                if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params):
+                    z_term = z_orig  # reuse the forward pass's own pre-activation
+                else:
+                    z_term = emitter.forward(self, layer, inputs, term.params)
+                if term.sign < 0:
+                    z = b.op("Neg", [z_term]) if z is None else b.op("Sub", [z, z_term])
+                else:
+                    z = z_term if z is None else b.op("Add", [z, z_term])
+                terms.append((term, inputs))
+            r = r_out
+            if group.mask is not None:
+                zsym = self.sym(z_orig, z_orig)
+                mask = zsym.positive_mask() if group.mask == "positive" else zsym.negative_mask()
+                r = b.op("Mul", [r, mask.var])
+            denominator = group.denominator(self.sym(z, z_orig))
+            s = b.op("Div", [r, denominator.var])
+            for term, inputs in terms:
+                grads = emitter.backward(self, layer, s, term.params)
+                factor = term.sign * group.coef
+                for i, (inp, g) in enumerate(zip(inputs, grads)):
+                    if g is None:
+                        continue
+                    c = b.op("Mul", [inp.var, g])
+                    if factor != 1.0:
+                        c = b.op("Mul", [c, b.const(np.asarray(factor, dtype=b.dtype))])
+                    contributions[i].append(c)
+        return [b.add_all(c) for c in contributions]
+
+
+def _same_params(p, q):
+    if p is q:
+        return True
+    if p is None or q is None:
+        return False
+    return p.weight is q.weight and (p.bias is q.bias)
+
+
+def _opset_ir_version(opset: int) -> int:
+    """The lowest IR version that carries ``opset`` (onnxruntime refuses IR versions it does not know)."""
+    for _, ir_version, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            return max(ir_version, EMIT_IR_VERSION)
+    return EMIT_IR_VERSION
+
+
+def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset: int,
+                         layer_relevances=False, doc=""):
+    """Add the backward pass for ``rules`` (one per layer) to ``graph`` and export it."""
+    x = next(t for t in graph.inputs if t.name == data_input)
+    reserved = {OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, NORMALIZE}
+    for name, tensor in graph.tensors().items():
+        if name in reserved or name.startswith("relevance_layer_"):
+            if tensor in graph.inputs:
+                raise ValueError(f"the model's input '{name}' uses a name the relevance graph reserves")
+            tensor.name = f"{name}__model"
+    dtype = np.dtype(x.dtype or np.float32)
+    b = Builder(graph, dtype)
+    ctx = EmitContext(b)
+    for layer in layers:
+        layer.emitter.prepare(ctx, layer)
+
+    y = graph.outputs[0]
+    y_shape = ctx.shape(y)
+    k = int(np.prod(y_shape[1:])) if len(y_shape) > 1 else 1
+    selection = gs.Variable(SELECTION, dtype=np.int64, shape=["batch"])
+    normalize = gs.Variable(NORMALIZE, dtype=np.bool_, shape=[])
+    flat_y = b.op("Reshape", [y, b.i64([0, -1])])
+    argmax = b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0})
+    negative = b.op("Less", [selection, b.i64(0)])
+    selection_used = b.op("Where", [negative, argmax, selection])
+    onehot = b.op("OneHot", [selection_used, b.i64(k), b.const(np.asarray([0, 1], dtype=dtype))], attrs={"axis": -1})
+    value = b.op("Where", [normalize, b.const(np.asarray(1, dtype=dtype)), flat_y])
+    seed = b.op("Reshape", [b.op("Mul", [onehot, value]), b.op("Shape", [y])])
+
+    relevance = defaultdict(list)
+    relevance[y.name].append(seed)
+    per_layer = {}
+    for layer, rule in zip(reversed(layers), reversed(rules)):
+        r_out = [b.add_all(relevance.get(t.name, [])) for t in layer.outputs]
+        if all(r is None for r in r_out):
+            continue
+        if layer_relevances:
+            per_layer[layer.index] = r_out[0]
+        r_in = rule.emit(ctx, layer, r_out)
+        for tensor, r in zip(layer.inputs, r_in):
+            if r is not None:
+                relevance[tensor.name].append(r)
+    r_x = b.add_all(relevance.get(x.name, []))
+    if r_x is None:  # no path from the output to the input
+        r_x = b.op("Mul", [x, b.const(np.asarray(0, dtype=dtype))])
+
+    outputs = []
+    for name, var, dt, shape in ((OUTPUT, y, dtype, y.shape), (RELEVANCE, r_x, dtype, x.shape),
+                                 (SELECTION_USED, selection_used, np.int64, ["batch"])):
+        out = gs.Variable(name, dtype=dt, shape=shape)
+        graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[var], outputs=[out]))
+        outputs.append(out)
+    for index in sorted(per_layer):
+        out = gs.Variable(f"relevance_layer_{index}", dtype=dtype, shape=None)
+        graph.nodes.append(gs.Node("Identity", name=f"lrp/layer_{index}", inputs=[per_layer[index]], outputs=[out]))
+        outputs.append(out)
+
+    graph.inputs = [x] + [t for t in graph.inputs if t is not x and isinstance(t, gs.Variable)] + [selection, normalize]
+    graph.outputs = outputs
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = _opset_ir_version(opset)
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.producer_name = "onnxlrp"
+    model.doc_string = doc
+    return model

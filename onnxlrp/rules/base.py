@@ -1,0 +1,125 @@
+"""The rule machinery: a rule is data plus numpy parameter transforms; the ONNX emission is shared.
+
+A rule on a layer with parameters (or on a parameter-free linear layer such as pooling or a sum) is a
+list of :class:`Group` s, each a list of :class:`Term` s, in the spirit of Zennit's BasicHook::
+
+    z_g   = sum_t sign_t * f(input_t(a); params_t)                 (forward under modified weights)
+    s_g   = mask_g(R_out) / denominator_g(z_g)
+    R_in  = sum_g coef_g * sum_t sign_t * input_t(a) * f^T(s_g; params_t)
+
+``f`` is the layer's own linear map and ``f^T`` its transpose (e.g. Conv and ConvTranspose). The generic
+rule of RelevancePropagation.jl is one group with one term built from the hooks below; ZPlus, AlphaBeta,
+ZBox and GeneralizedGamma list more terms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import numpy as np
+
+from .expr import stabilize
+
+#: RelevancePropagation.jl's defaults.
+DEFAULT_GAMMA = 0.25
+DEFAULT_EPSILON = 1e-6
+DEFAULT_STABILIZER = 1e-9
+DEFAULT_ALPHA = 2.0
+DEFAULT_BETA = 1.0
+
+
+@dataclass(frozen=True)
+class Params:
+    """Weight and bias of a layer, as numpy arrays in the layer's own layout (bias may be None)."""
+    weight: np.ndarray
+    bias: Optional[np.ndarray] = None
+
+    def map(self, weight_fn, bias_fn=None, keep_bias=True):
+        bias = None
+        if self.bias is not None:
+            bias = (bias_fn or weight_fn)(self.bias) if keep_bias else np.zeros_like(self.bias)
+        return Params(weight_fn(self.weight), bias)
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class Term:
+    input: Callable = _identity      # activation -> modified activation (numpy or Sym)
+    params: Optional[Params] = None  # modified parameters; None for parameter-free layers
+    sign: float = 1.0
+
+
+@dataclass
+class Group:
+    terms: list
+    denominator: Callable = field(default=lambda z: stabilize(z, DEFAULT_STABILIZER))
+    coef: float = 1.0
+    mask: Optional[str] = None  # None, "positive" or "negative": which sign of the layer's z it covers
+
+
+class Rule:
+    """Base class of every LRP rule. Subclass and override the hooks to write your own rule.
+
+    Call order (as in RelevancePropagation.jl): ``modify_layer`` calls ``modify_weight`` and
+    ``modify_bias``, which call ``modify_parameters``. ``modify_input`` and ``modify_denominator`` act on
+    activations: they get a numpy array or a symbolic tensor (:class:`onnxlrp.rules.Sym`) and must use
+    arithmetic or the helpers in :mod:`onnxlrp.rules` that work on both.
+    """
+
+    def modify_input(self, x):
+        return x
+
+    def modify_denominator(self, z):
+        return stabilize(z, DEFAULT_STABILIZER)
+
+    def modify_parameters(self, param):
+        return param
+
+    def modify_weight(self, weight):
+        return self.modify_parameters(weight)
+
+    def modify_bias(self, bias):
+        return self.modify_parameters(bias)
+
+    def modify_layer(self, layer):
+        """Return the modified :class:`Params` of ``layer`` (None for parameter-free layers)."""
+        params = layer.params
+        if params is None:
+            return None
+        bias = None if params.bias is None else self.modify_bias(params.bias)
+        return Params(self.modify_weight(params.weight), bias)
+
+    def is_compatible(self, layer) -> bool:
+        """Layers this rule may be put on. The default, as in RelevancePropagation.jl: layers with weights."""
+        return layer.params is not None
+
+    # -- emission ------------------------------------------------------------------------------------
+    def groups(self, layer):
+        """The generic rule: one group, one term, built from the hooks."""
+        return [Group([Term(self.modify_input, self.modify_layer(layer))], denominator=self.modify_denominator)]
+
+    def emit(self, ctx, layer, relevance_out):
+        """Emit this rule's backward step; returns one relevance tensor (or None) per data input."""
+        return ctx.emit_terms(layer, self.groups(layer), relevance_out)
+
+    def __repr__(self):
+        fields = getattr(self, "__dataclass_fields__", {})
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in fields)
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self):
+        return hash(repr(self))
+
+
+def with_params(params: Optional[Params], weight_fn, keep_bias=True, bias_fn=None):
+    """Params with a transform applied (None stays None): the building block of multi-term rules."""
+    return None if params is None else params.map(weight_fn, bias_fn=bias_fn, keep_bias=keep_bias)
+
+
+__all__ = ["Params", "Term", "Group", "Rule", "with_params", "replace"]

@@ -1,0 +1,183 @@
+"""The eleven rules of RelevancePropagation.jl, each a few lines of data and numpy transforms."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .base import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_GAMMA, DEFAULT_STABILIZER, Group,
+                   Params, Rule, Term, with_params)
+from .expr import keep_negative, keep_positive, ones_like, stabilize
+
+
+def _pos(p):
+    return np.maximum(p, 0)
+
+
+def _neg(p):
+    return np.minimum(p, 0)
+
+
+def _gamma(gamma, part):
+    return lambda p: p + gamma * part(p)
+
+
+@dataclass(eq=False, repr=False)
+class ZeroRule(Rule):
+    """LRP-0: R_j = sum_i W_ij a_j / (sum_l W_il a_l + b_i) R_i."""
+
+    def is_compatible(self, layer):
+        return layer.linear
+
+
+@dataclass(eq=False, repr=False)
+class EpsilonRule(Rule):
+    """LRP-epsilon: the LRP-0 denominator plus epsilon * sign(z)."""
+    epsilon: float = DEFAULT_EPSILON
+
+    def modify_denominator(self, z):
+        return stabilize(z, self.epsilon)
+
+    def is_compatible(self, layer):
+        return layer.linear
+
+
+@dataclass(eq=False, repr=False)
+class GammaRule(Rule):
+    """LRP-gamma: weights and bias W + gamma W+, b + gamma b+."""
+    gamma: float = DEFAULT_GAMMA
+
+    def modify_parameters(self, param):
+        return param + self.gamma * np.maximum(param, 0)
+
+
+@dataclass(eq=False, repr=False)
+class WSquareRule(Rule):
+    """LRP-w²: R_j = sum_i W_ij² / sum_l W_il² R_i (inputs set to one, bias dropped)."""
+
+    def modify_input(self, x):
+        return ones_like(x)
+
+    def modify_weight(self, weight):
+        return weight ** 2
+
+    def modify_bias(self, bias):
+        return np.zeros_like(bias)
+
+
+@dataclass(eq=False, repr=False)
+class FlatRule(Rule):
+    """LRP-Flat: like WSquare with all weights one: R_j = sum_i R_i / n_i."""
+
+    def modify_input(self, x):
+        return ones_like(x)
+
+    def modify_weight(self, weight):
+        return np.ones_like(weight)
+
+    def modify_bias(self, bias):
+        return np.zeros_like(bias)
+
+
+@dataclass(eq=False, repr=False)
+class PassRule(Rule):
+    """Pass relevance through unchanged (reshaped to the input): for activations, reshapes, dropout."""
+
+    def is_compatible(self, layer):
+        return True
+
+    def emit(self, ctx, layer, relevance_out):
+        return layer.emitter.pass_through(ctx, layer, relevance_out)
+
+
+@dataclass(eq=False, repr=False)
+class ZPlusRule(Rule):
+    """LRP-z+: (W+ a+ + W- a-) with bias b+ on the first part; AlphaBetaRule(1, 0), faster."""
+
+    def groups(self, layer):
+        p = layer.params
+        return [Group([Term(keep_positive, with_params(p, _pos)),
+                       Term(keep_negative, with_params(p, _neg, keep_bias=False))],
+                      denominator=self.modify_denominator)]
+
+
+@dataclass(eq=False, repr=False)
+class AlphaBetaRule(Rule):
+    """LRP-alpha-beta: alpha times the positive, minus beta times the negative contributions."""
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+
+    def __post_init__(self):
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"AlphaBetaRule: alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if not np.isclose(self.alpha - self.beta, 1.0):
+            raise ValueError(f"AlphaBetaRule: alpha - beta must equal 1, got {self.alpha} - {self.beta}")
+
+    def groups(self, layer):
+        p = layer.params
+        w_pos, w_neg = with_params(p, _pos), with_params(p, _neg)
+        w_pos_nb, w_neg_nb = with_params(p, _pos, keep_bias=False), with_params(p, _neg, keep_bias=False)
+        groups = [Group([Term(keep_positive, w_pos), Term(keep_negative, w_neg_nb)],
+                        denominator=self.modify_denominator, coef=self.alpha)]
+        if self.beta != 0:
+            groups.append(Group([Term(keep_positive, w_neg), Term(keep_negative, w_pos_nb)],
+                                denominator=self.modify_denominator, coef=-self.beta))
+        return groups
+
+
+@dataclass(eq=False, repr=False)
+class ZBoxRule(Rule):
+    """LRP-zB for bounded inputs in [low, high] (scalars, per-channel vectors or input-shaped arrays).
+
+    Uses the layer's pre-activation z = W a + b (RelevancePropagation.jl used the post-activation).
+    """
+    low: Any = -3.0
+    high: Any = 3.0
+
+    def groups(self, layer):
+        p = layer.params
+        low, high = self.low, self.high
+        return [Group([Term(lambda x: x, p),
+                       Term(lambda x: x.full_like(low) if hasattr(x, "full_like") else np.broadcast_to(low, x.shape),
+                            with_params(p, _pos), sign=-1.0),
+                       Term(lambda x: x.full_like(high) if hasattr(x, "full_like") else np.broadcast_to(high, x.shape),
+                            with_params(p, _neg), sign=-1.0)],
+                      denominator=self.modify_denominator)]
+
+    def __repr__(self):
+        def short(v):
+            return repr(float(v)) if np.ndim(v) == 0 else f"<array {np.shape(v)}>"
+        return f"ZBoxRule(low={short(self.low)}, high={short(self.high)})"
+
+
+@dataclass(eq=False, repr=False)
+class GeneralizedGammaRule(Rule):
+    """Generalized LRP-gamma for layers with negative inputs (e.g. after LeakyReLU)."""
+    gamma: float = DEFAULT_GAMMA
+
+    def groups(self, layer):
+        p, g = layer.params, self.gamma
+        plus = with_params(p, _gamma(g, _pos))
+        minus = with_params(p, _gamma(g, _neg))
+        plus_nb = with_params(p, _gamma(g, _pos), keep_bias=False)
+        minus_nb = with_params(p, _gamma(g, _neg), keep_bias=False)
+        return [Group([Term(keep_positive, plus), Term(keep_negative, minus_nb)],
+                      denominator=self.modify_denominator, mask="positive"),
+                Group([Term(keep_positive, minus), Term(keep_negative, plus_nb)],
+                      denominator=self.modify_denominator, mask="negative")]
+
+
+@dataclass(eq=False, repr=False)
+class LayerNormRule(Rule):
+    """LRP-LN (Ali et al.): the normalization's centering is linear, its scale is held constant."""
+
+    def is_compatible(self, layer):
+        return hasattr(layer.emitter, "emit_layernorm_rule")
+
+    def emit(self, ctx, layer, relevance_out):
+        return layer.emitter.emit_layernorm_rule(ctx, layer, relevance_out)
+
+
+ALL_RULES = {c.__name__: c for c in (ZeroRule, EpsilonRule, GammaRule, WSquareRule, FlatRule, AlphaBetaRule,
+                                     ZPlusRule, ZBoxRule, PassRule, GeneralizedGammaRule, LayerNormRule)}
