@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from .canonize import canonize_graph
 from .composite import Composite, GlobalMap, check_compatible, default_rules
@@ -16,7 +17,7 @@ from .layers import build_layers
 from .loading import BATCH_DIM, _infer_shapes, load_model
 from .rewriter import NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model
 from .rules import Rule
-from .runtime import make_session, session_device
+from .runtime import cuda_provider_options, make_session, session_device
 
 GRAPH_DOC = """onnxlrp relevance graph (Layer-wise Relevance Propagation).
 Inputs:
@@ -44,7 +45,8 @@ class LRP:
     """
 
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
-                 verbose=True, device="auto", input_name=None, layer_relevances=False):
+                 verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
+                 cudnn_conv_algo_search="EXHAUSTIVE"):
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
         loaded = load_model(model, input_name)
         self.canonization = canonize_graph(loaded.graph)
@@ -56,6 +58,7 @@ class LRP:
         self.verbose = verbose
         self.device = device
         self.layer_relevances = layer_relevances
+        self.cuda_options = cuda_provider_options(allow_tf32, cudnn_conv_algo_search)
         self._canonical = gs.export_onnx(loaded.graph, do_type_check=False)
         self.layers = build_layers(loaded.graph, self.data_input, strict=not skip_checks)
         self.rules = self._resolve_rules(rules_or_composite)
@@ -106,7 +109,8 @@ class LRP:
                                yshape=self.output_shape, rules=self.rules_listing())
         model = emit_relevance_model(graph, layers, self.rules, self.data_input, self.opset,
                                      layer_relevances=self.layer_relevances, doc=doc)
-        session = make_session(model.SerializeToString(), self.device, verbose=self.verbose)
+        session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
+                               cuda_options=self.cuda_options)
         self._built[feature_shape] = (model, session)
         return self._built[feature_shape]
 
@@ -163,8 +167,12 @@ class LRP:
                              f"per sample (valid: 0..{n_outputs - 1})")
         return sel
 
-    def analyze(self, x, output_selection=None, *, inputs=None) -> Explanation:
-        """Explain ``x`` (a batch): relevance of the selected output (default: each sample's top output)."""
+    def analyze(self, x, output_selection=None, *, inputs=None, keep_on_device=False) -> Explanation:
+        """Explain ``x`` (a batch): relevance of the selected output (default: each sample's top output).
+
+        With ``keep_on_device=True`` the Explanation's ``val`` and ``output`` are onnxruntime OrtValues left
+        where the session ran (on the GPU with the CUDA provider), for chaining further GPU work.
+        """
         x = self._check_input(x)
         model, session = self._build(tuple(x.shape[1:]))
         y_shape = self.output_shape
@@ -178,7 +186,7 @@ class LRP:
                                  f"analyze(..., inputs={{'{name}': array}})")
             feeds[name] = inputs[name]
         names = [o.name for o in session.get_outputs()]
-        results = dict(zip(names, session.run(None, feeds)))
+        results = self._run_bound(session, feeds, names, keep_on_device)
         extras = {}
         layer_keys = [k for k in names if k.startswith("relevance_layer_")]
         if layer_keys:
@@ -186,6 +194,27 @@ class LRP:
         return Explanation(val=results[RELEVANCE], output=results[OUTPUT],
                            output_selection=results[SELECTION_USED], analyzer="LRP", heatmap="attribution",
                            extras=extras)
+
+    @staticmethod
+    def _run_bound(session, feeds, names, keep_on_device):
+        """One run through IO binding: inputs are copied to the device once; outputs stay there and only
+        what the caller wants as numpy is copied back."""
+        device = session_device(session)
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.asarray(value), device, 0))
+        for name in names:
+            binding.bind_output(name, device)
+        session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        if keep_on_device:
+            return {n: (v if n in (RELEVANCE, OUTPUT) else v.numpy()) for n, v in zip(names, values)}
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def analyze_batches(self, batches, output_selection=None, **kw):
+        """Explain an iterable of batches, yielding one Explanation per batch."""
+        for batch in batches:
+            yield self.analyze(batch, output_selection, **kw)
 
     def __call__(self, x, output_selection=None, **kw):
         return self.analyze(x, output_selection, **kw)

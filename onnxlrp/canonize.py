@@ -26,6 +26,13 @@ def _fresh(name):
     return f"{name}__lrp{_counter[0]}"
 
 
+def _set_inputs(node, inputs):
+    """Replace a node's inputs (gs keeps tensor->consumer links in sync only through clear/append)."""
+    inputs = list(inputs)
+    node.inputs.clear()
+    node.inputs.extend(inputs)
+
+
 def _bypass(graph, node, keep):
     """Remove ``node``: its (first) output is replaced by ``keep`` everywhere, graph outputs included."""
     out = node.outputs[0]
@@ -173,8 +180,7 @@ def fuse_affine(graph) -> int:
             if node.op == "MatMul":
                 # A MatMul's bias is an Add after it: turn the affine node into that Add.
                 nxt.op, nxt.attrs = "Add", {}
-                nxt.inputs[:] = [out, gs.Constant(_fresh("bias"), new_b)]
-                del nxt.inputs[2:]
+                _set_inputs(nxt, [out, gs.Constant(_fresh("bias"), new_b)])
                 # Merge with an Add of a constant that may follow (MatMul -> Add -> Mul -> ...).
             else:
                 bias = gs.Constant(_fresh((node.name or node.op) + "_bias"), new_b)
@@ -217,10 +223,66 @@ def _merge_matmul_bias_chains(graph):
             nxt = add.outputs[0].outputs[0]
             scale, shift = affine
             node.inputs[1] = gs.Constant(_fresh(node.inputs[1].name), (w * scale[None, :]).astype(w.dtype))
-            add.inputs[:] = [node.outputs[0], gs.Constant(_fresh("bias"), (bvec * scale + shift).astype(w.dtype))]
+            _set_inputs(add, [node.outputs[0], gs.Constant(_fresh("bias"), (bvec * scale + shift).astype(w.dtype))])
             _bypass(graph, nxt, add.outputs[0])
             changed = True
         graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _reduce_mean_axes(node, rank):
+    from .emitters.pool import reduce_axes
+    if node is None or node.op != "ReduceMean" or not node.attrs.get("keepdims", 1):
+        return None
+    if len(node.inputs) > 1 and node.inputs[1].name and const_value(node.inputs[1]) is None:
+        return None
+    return reduce_axes(node, rank)
+
+
+def fuse_decomposed_layernorm(graph) -> int:
+    """Pre-opset-17 exports spell LayerNorm out: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps).
+    Replace that pattern with one LayerNormalization node (its scale/bias Mul/Add stay and become the
+    Scale layer)."""
+    count = 0
+    for div in list(graph.nodes):
+        if div.op != "Div" or len(div.inputs) != 2:
+            continue
+        centered, std = div.inputs
+        sub, sqrt = producer(centered), producer(std)
+        if sub is None or sqrt is None or sub.op != "Sub" or sqrt.op != "Sqrt":
+            continue
+        x, mean = sub.inputs
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None or producer(mean) is None or producer(mean).inputs[0] is not x:
+            continue
+        axes = _reduce_mean_axes(producer(mean), rank)
+        add = producer(sqrt.inputs[0])
+        if axes is None or add is None or add.op != "Add":
+            continue
+        eps_values = [const_value(t) for t in add.inputs]
+        var_in = [t for t, c in zip(add.inputs, eps_values) if c is None]
+        eps = [c for c in eps_values if c is not None]
+        if len(var_in) != 1 or len(eps) != 1 or np.size(eps[0]) != 1:
+            continue
+        var = producer(var_in[0])
+        if _reduce_mean_axes(var, rank) != axes:
+            continue
+        square = producer(var.inputs[0])
+        if square is None or not (
+                (square.op == "Pow" and square.inputs[0] is centered and np.all(const_value(square.inputs[1]) == 2))
+                or (square.op == "Mul" and square.inputs[0] is centered and square.inputs[1] is centered)):
+            continue
+        if axes != list(range(axes[0], rank)) or x.shape is None or any(
+                not isinstance(d, int) for d in x.shape[axes[0]:]):
+            continue
+        dtype = np.dtype(x.dtype or np.float32)
+        ones = gs.Constant(_fresh("ln_ones"), np.ones(x.shape[axes[0]:], dtype=dtype))
+        out = div.outputs[0]
+        div.outputs.clear()
+        graph.nodes.append(gs.Node("LayerNormalization", name=_fresh("layernorm"), inputs=[x, ones], outputs=[out],
+                                   attrs={"axis": axes[0], "epsilon": float(np.asarray(eps[0]).reshape(()))}))
+        count += 1
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return count
 
 
 def split_layernorm(graph) -> int:
@@ -236,8 +298,7 @@ def split_layernorm(graph) -> int:
         out = node.outputs[0]
         normalized = gs.Variable(_fresh(out.name + "_normalized"), dtype=out.dtype, shape=out.shape)
         node.outputs[0] = normalized
-        node.inputs[1] = gs.Constant(_fresh("ln_ones"), np.ones_like(scale))
-        del node.inputs[2:]
+        _set_inputs(node, [node.inputs[0], gs.Constant(_fresh("ln_ones"), np.ones_like(scale))])
         if bias is None:
             graph.nodes.append(gs.Node("Mul", name=_fresh((node.name or "ln") + "_scale"),
                                        inputs=[normalized, gs.Constant(_fresh("ln_scale"), scale)], outputs=[out]))
@@ -259,6 +320,8 @@ def canonize_graph(graph, strip_softmax=True) -> dict:
     stripped = strip_softmax_outputs(graph) if strip_softmax else []
     normalize_gemm(graph)
     fused = fuse_affine(graph)
+    decomposed = fuse_decomposed_layernorm(graph)
     split = split_layernorm(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return {"stripped_softmax": stripped, "fused_affine": fused, "split_layernorm": split}
+    return {"stripped_softmax": stripped, "fused_affine": fused, "fused_layernorm_patterns": decomposed,
+            "split_layernorm": split}

@@ -16,6 +16,8 @@ class Explanation:
     extras: dict = field(default_factory=dict)
 
     def __repr__(self):
-        return (f"Explanation(val={self.val.shape} {self.val.dtype}, output={self.output.shape}, "
+        def describe(v):  # numpy arrays, or OrtValues left on the device
+            return f"{tuple(v.shape)} {v.dtype}" if isinstance(v, np.ndarray) else f"<OrtValue {v.shape()}>"
+        return (f"Explanation(val={describe(self.val)}, output={describe(self.output)}, "
                 f"output_selection={self.output_selection.tolist()}, analyzer={self.analyzer!r}, "
                 f"heatmap={self.heatmap!r}, extras={list(self.extras)})")

@@ -40,7 +40,15 @@ def _notice(msg):
         print(f"onnxlrp: {msg}", file=sys.stderr)
 
 
-def make_session(model_bytes: bytes, device: str = "auto", verbose=True):
+def cuda_provider_options(allow_tf32=False, cudnn_conv_algo_search="EXHAUSTIVE"):
+    """CUDA provider options. TF32 is off by default: relevance needs float32-exact convolutions
+    (TF32 keeps 10 mantissa bits); turn it on for speed when 1e-3 relative error is acceptable."""
+    if cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        raise ValueError("cudnn_conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT")
+    return {"use_tf32": int(bool(allow_tf32)), "cudnn_conv_algo_search": cudnn_conv_algo_search}
+
+
+def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_options=None, profile=False):
     """An InferenceSession on the requested device. ``device``: "auto", "cpu" or "cuda"."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -50,7 +58,10 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True):
     ort.set_default_logger_severity(3)  # graph-optimizer warnings are not the user's business
     available = ort.get_available_providers()
     want_cuda = device in ("auto", "cuda") and cuda_available()
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    if profile:
+        options.enable_profiling = True
+    providers = ([("CUDAExecutionProvider", cuda_options or cuda_provider_options()), "CPUExecutionProvider"]
+                 if want_cuda else ["CPUExecutionProvider"])
     session = ort.InferenceSession(model_bytes, options, providers=providers)
     active = session.get_providers()
     # onnxruntime-gpu on a machine without CUDA silently falls back to the CPU: look, and say so.
