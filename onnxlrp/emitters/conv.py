@@ -47,6 +47,14 @@ def transpose_pads(in_spatial, out_spatial, kernel, strides, dilations, begin):
     return list(begin) + pads_end, output_padding
 
 
+def flipped_transposed_weight(weight, group):
+    """(M, C/g, k...) Conv weight -> (C, M/g, k...) weight of the Conv that computes its transpose."""
+    m, cg = weight.shape[:2]
+    spatial = weight.shape[2:]
+    w = weight.reshape((group, m // group, cg) + spatial).swapaxes(1, 2).reshape((cg * group, m // group) + spatial)
+    return np.ascontiguousarray(np.flip(w, axis=tuple(range(2, weight.ndim))))
+
+
 @register
 class ConvEmitter(Emitter):
     op_types = ("Conv",)
@@ -85,7 +93,15 @@ class ConvEmitter(Emitter):
                                                "group": layer.node.attrs.get("group", 1)})
 
     def backward(self, ctx, layer, s, params):
-        x_shape, y_shape, kernel, strides, dilations, begin, _ = self.geometry(ctx, layer)
+        x_shape, y_shape, kernel, strides, dilations, begin, end = self.geometry(ctx, layer)
+        group = layer.node.attrs.get("group", 1)
+        full = [d * (k - 1) for k, d in zip(kernel, dilations)]
+        if all(st == 1 for st in strides) and all(0 <= p <= f for p, f in zip(begin + end, full + full)):
+            # Stride 1: the transpose is itself a convolution with the kernel flipped and its channel
+            # axes swapped; onnxruntime's Conv kernels run it up to 2x faster than ConvTranspose.
+            flipped = ctx.b.const(flipped_transposed_weight(params.weight, group))
+            pads = [f - p for f, p in zip(full, begin)] + [f - p for f, p in zip(full, end)]
+            return [ctx.b.op("Conv", [s, flipped], attrs={"dilations": dilations, "pads": pads, "group": group})]
         pads, output_padding = transpose_pads(x_shape[2:], y_shape[2:], kernel, strides, dilations, begin)
         grad = ctx.b.op("ConvTranspose", [s, ctx.b.const(params.weight)],
                         attrs={"strides": strides, "dilations": dilations, "pads": pads,
