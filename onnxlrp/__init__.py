@@ -7,8 +7,11 @@ from .api import LRP_CONFIG, canonize, flatten_model, lrp_rules, show_layer_indi
 from .composite import (Composite, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus,
                         EpsilonPlusFlat, FirstLayerMap, FirstLayerTypeMap, FirstNTypeMap, GlobalMap, GlobalTypeMap,
                         LastLayerMap, LastLayerTypeMap, LayerMap, PRESETS, RangeMap, RangeTypeMap)
-from .errors import InputError, LRPError, ModelLoadError, RuleCompatibilityError, UnsupportedModelError
+from .errors import DeviceError, InputError, LRPError, ModelLoadError, RuleCompatibilityError, UnsupportedModelError
 from .explanation import Explanation
+# The module is named heatmaps so that onnxlrp.heatmap is the function.
+from .heatmaps import TextHeatmap, heatmap, heatmap_overlay, text_heatmap
+from . import images
 from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, LayerNormRule, PassRule,
                     Rule, WSquareRule, ZBoxRule, ZeroRule, ZPlusRule)
 
@@ -21,5 +24,7 @@ __all__ = [
     "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "EpsilonPlusFlat", "EpsilonAlpha2Beta1Flat",
     "Rule", "ZeroRule", "EpsilonRule", "GammaRule", "WSquareRule", "FlatRule", "AlphaBetaRule", "ZPlusRule",
     "ZBoxRule", "PassRule", "GeneralizedGammaRule", "LayerNormRule",
-    "LRPError", "ModelLoadError", "UnsupportedModelError", "RuleCompatibilityError", "InputError",
+    "heatmap", "heatmap_overlay", "text_heatmap", "TextHeatmap", "images",
+    "LRPError", "DeviceError", "ModelLoadError", "UnsupportedModelError", "RuleCompatibilityError", "InputError",
 ]
+

@@ -21,13 +21,13 @@ from .runtime import cuda_provider_options, make_session, session_device
 
 GRAPH_DOC = """onnxlrp relevance graph (Layer-wise Relevance Propagation).
 Inputs:
-  {x} {xshape}: the model's data input
-  output_selection int64[N]: flat output index to explain per sample; -1 = the sample's top output
-  normalize_output_relevance bool[]: true = seed relevance 1, false = seed the output's value
+  {x} float {xshape}: the model's data input
+  output_selection int64 (N): flat output index to explain per sample; -1 = the sample's top output
+  normalize_output_relevance bool (): true = seed relevance 1, false = seed the output's value
 Outputs:
-  output {yshape}: the model output (softmax stripped)
-  relevance {xshape}: the input relevance
-  output_selection_used int64[N]: the explained output index per sample
+  output float {yshape}: the model output (softmax stripped)
+  relevance float {xshape}: the input relevance
+  output_selection_used int64 (N): the explained output index per sample
 Rules:
 {rules}"""
 
@@ -105,8 +105,8 @@ class LRP:
         if len(layers) != len(self.layers):
             raise LRPError(f"{self.source}: the graph has a different layer structure for input shape "
                            f"{feature_shape}")
-        doc = GRAPH_DOC.format(x=self.data_input, xshape=[BATCH_DIM, *feature_shape],
-                               yshape=self.output_shape, rules=self.rules_listing())
+        doc = GRAPH_DOC.format(x=self.data_input, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
+                               yshape=_fmt_shape(self.output_shape or ("?",)), rules=self.rules_listing())
         model = emit_relevance_model(graph, layers, self.rules, self.data_input, self.opset,
                                      layer_relevances=self.layer_relevances, doc=doc)
         session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
@@ -163,7 +163,9 @@ class LRP:
         if sel.shape[0] != n:
             raise InputError(f"output_selection has {sel.shape[0]} entries for a batch of {n}")
         if n_outputs is not None and (np.any(sel < 0) or np.any(sel >= n_outputs)):
-            raise InputError(f"output_selection {sel.tolist()} out of range: the model has {n_outputs} outputs "
+            bad = sorted(set(sel[(sel < 0) | (sel >= n_outputs)].tolist()))
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise InputError(f"output_selection {shown} out of range: the model has {n_outputs} outputs "
                              f"per sample (valid: 0..{n_outputs - 1})")
         return sel
 

@@ -63,10 +63,10 @@ def show_layer_indices(model, composite=None, file=None):
     layers = analyzer.layers if analyzer else _layers(model)
     rules = analyzer.rules if analyzer else (composite.rules(layers) if composite else default_rules(layers))
     out = file or sys.stdout
-    print(f"{'index':>5}  {'op type':<20} {'group':<18} {'name':<36} {'shapes':<40} rule", file=out)
+    print(f"{'index':>5}  {'op type':<20} {'group':<18} {'name':<36} {'rule':<36} shapes", file=out)
     for layer, rule in zip(layers, rules):
         print(f"{layer.index:>5}  {layer.op_type:<20} {layer.group:<18} {layer.name[:36]:<36} "
-              f"{layer.shape_str()[:40]:<40} {rule!r}", file=out)
+              f"{rule!r:<36} {layer.shape_str()}", file=out)
     return layers
 
 

@@ -23,3 +23,7 @@ class RuleCompatibilityError(LRPError):
 
 class InputError(LRPError, ValueError):
     """An input array (or output selection) does not fit the model."""
+
+
+class DeviceError(LRPError, RuntimeError):
+    """The requested execution device is not available."""

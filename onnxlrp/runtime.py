@@ -5,6 +5,8 @@ import sys
 
 import onnxruntime as ort
 
+from .errors import DeviceError
+
 _notified = set()
 _cuda_works = None
 
@@ -66,7 +68,7 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
     active = session.get_providers()
     # onnxruntime-gpu on a machine without CUDA silently falls back to the CPU: look, and say so.
     if device == "cuda" and "CUDAExecutionProvider" not in active:
-        raise RuntimeError("device='cuda' was requested but onnxruntime's CUDA provider did not load "
+        raise DeviceError("device='cuda' was requested but onnxruntime's CUDA provider did not load "
                            f"(available: {available}, active: {active}); is onnxruntime-gpu installed with "
                            "a working CUDA and cuDNN?")
     if device == "auto" and "CUDAExecutionProvider" not in active and verbose:

@@ -1,0 +1,580 @@
+"""``onnxlrp explain``: images, folders or .npy arrays in; heatmaps, overlays and a summary out.
+
+Everything that can fail on the user's side is checked before the first file is written: the rule
+options, the model, every input (images are opened to their header, arrays to their shape), the output
+selection, the labels, and the output folder (existing files are refused without --force). Files are
+written under a temporary name and renamed, so an interrupted run leaves no partial file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+
+from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cli, debug_option,
+                  device_option, fmt_shape, load_analyzer, model_argument, pop_rule_kwargs, rule_options,
+                  skip_checks_option)
+
+DEFAULT_OUT = "lrp_out"
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)  # the ImageNet statistics averaged over RGB, for 1-channel models
+
+
+@dataclass
+class Sample:
+    path: str
+    kind: str                      # "image" or "array"
+    index: int | None = None       # position in a batched .npy file
+    key: tuple = ()                # samples with equal keys can share a batch (same array shape)
+    name: str = ""
+    outputs: dict = field(default_factory=dict)  # "heatmap"/"overlay"/"relevance" -> path
+
+
+# -- inputs -------------------------------------------------------------------------------------------------
+def _natural_key(name):
+    """img2 before img10, a.png before a2.png."""
+    stem, ext = os.path.splitext(name)
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", stem) if t], ext
+
+
+def collect_inputs(paths):
+    """(path, kind) for every input: files as given, folders expanded (sorted, not recursive)."""
+    from ..images import is_image_path
+    found = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise CLIError(f"{p}: no such file or folder")
+        if os.path.isdir(p):
+            entries = sorted((e for e in os.listdir(p) if not e.startswith(".")), key=_natural_key)
+            files = [os.path.join(p, e) for e in entries if os.path.isfile(os.path.join(p, e))
+                     and (is_image_path(e) or e.lower().endswith(".npy"))]
+            if not files:
+                raise CLIError(f"{p}: the folder holds no images or .npy files")
+            found.extend((f, "array" if f.lower().endswith(".npy") else "image") for f in files)
+        else:
+            found.append((p, "array" if p.lower().endswith(".npy") else "image"))
+    return found
+
+
+def _load_npy(path, mmap=True):
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CLIError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else exc})") \
+            from None
+
+
+@dataclass
+class InputSpec:
+    """What the model's data input wants."""
+    shape: tuple                   # the model's input shape, batch first ("batch" when dynamic)
+    dtype: np.dtype
+    image: bool                    # 4-D: images can be fed
+    layout: str | None = None      # NCHW / NHWC
+    channels: int | None = None
+    size: tuple | None = None      # (H, W) images are resized to, None = keep each image's size
+
+    def describe(self):
+        return fmt_shape(self.shape)
+
+
+def input_spec(analyzer, layout_opt, input_shape):
+    from ..images import detect_layout, split_shape
+    shape = analyzer.input_shape
+    if shape is None:
+        raise CLIError(f"{analyzer.source}: the data input has no known rank; cannot prepare inputs for it")
+    if input_shape is not None:
+        if len(input_shape) != len(shape) - 1:
+            raise click.BadParameter(f"{len(input_shape)} dims given, the model's input {fmt_shape(shape)} has "
+                                     f"{len(shape) - 1} after the batch axis", param_hint="--input-shape")
+        for want, got in zip(shape[1:], input_shape):
+            if isinstance(want, int) and want != got:
+                raise click.BadParameter(f"{','.join(map(str, input_shape))} does not fit the model's input "
+                                         f"{fmt_shape(shape)}", param_hint="--input-shape")
+        shape = (shape[0], *input_shape)
+    spec = InputSpec(shape=tuple(shape), dtype=analyzer.input_dtype, image=len(shape) == 4)
+    if spec.image:
+        spec.layout = detect_layout(shape) if layout_opt in (None, "auto") else layout_opt.upper()
+        c, h, w = split_shape(shape, spec.layout)
+        if c is None:
+            raise CLIError(f"{analyzer.source}: the input {fmt_shape(shape)} has a dynamic channel dim; pass "
+                           "--input-shape (e.g. 3,224,224) or --layout")
+        spec.channels = c
+        spec.size = (h, w) if h is not None and w is not None else None
+    return spec
+
+
+def validate_inputs(found, spec):
+    """Open every input far enough to know it fits; returns the samples (one per image / array row)."""
+    from ..images import check_channels, open_image
+    from ..errors import InputError
+    samples = []
+    for path, kind in found:
+        if kind == "image":
+            if not spec.image:
+                raise CLIError(f"{path}: the model's input {spec.describe()} is not an image; pass .npy arrays "
+                               "of that shape (without or with the batch axis)")
+            try:
+                img = open_image(path)
+                with img:
+                    check_channels(img, spec.channels, path)
+                    size = spec.size or (img.height, img.width)
+            except InputError as exc:
+                raise CLIError(str(exc)) from None
+            samples.append(Sample(path, "image", key=("image", tuple(size))))
+            continue
+        arr = _load_npy(path)
+        if not (np.issubdtype(arr.dtype, np.floating)):
+            raise CLIError(f"{path}: dtype {arr.dtype}; .npy inputs must be floating-point arrays, already "
+                           f"preprocessed for the model")
+        rank = len(spec.shape)
+        if arr.ndim == rank - 1:
+            rows, shape = [None], arr.shape
+        elif arr.ndim == rank:
+            if arr.shape[0] == 0:
+                raise CLIError(f"{path}: holds an empty batch")
+            rows, shape = list(range(arr.shape[0])), arr.shape[1:]
+        else:
+            raise CLIError(f"{path}: shape {arr.shape} does not fit the model's input {spec.describe()} "
+                           f"(give one sample of shape {_sample_shape(spec)} or a batch of them)")
+        for want, got in zip(spec.shape[1:], shape):
+            if isinstance(want, int) and want != got:
+                what = "channel count" if spec.image and _is_channel_dim(spec, want, shape) else "shape"
+                raise CLIError(f"{path}: wrong {what}: sample shape {tuple(shape)} does not fit the model's "
+                               f"input {spec.describe()}")
+        for i in rows:
+            samples.append(Sample(path, "array", index=i, key=("array", tuple(shape))))
+    return samples
+
+
+def _sample_shape(spec):
+    return "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in spec.shape[1:]) + ("," if len(spec.shape) == 2 else "") + ")"
+
+
+def _is_channel_dim(spec, want, shape):
+    ax = 0 if spec.layout == "NCHW" else 2
+    return len(shape) == 3 and spec.shape[1 + ax] == want and shape[ax] != want
+
+
+def assign_names(samples):
+    """Output file stems: the input's name, '_<row>' for batched arrays, made unique."""
+    def base(s):
+        stem = os.path.splitext(os.path.basename(s.path))[0]
+        if s.index is not None:
+            stem = f"{stem}_{s.index:0{width[s.path]}d}"
+        return stem
+
+    width = {}
+    for s in samples:
+        if s.index is not None:
+            width[s.path] = max(width.get(s.path, 1), len(str(s.index)))
+    bases = [base(s) for s in samples]
+    counts = Counter(bases)
+    used = set()
+    for s, b in zip(samples, bases):
+        name = b
+        if counts[b] > 1:
+            ext = os.path.splitext(s.path)[1].lstrip(".").lower()
+            name = f"{b}_{ext}" if ext else b
+        k, unique = 2, name
+        while unique in used:
+            unique, k = f"{name}_{k}", k + 1
+        used.add(unique)
+        s.name = unique
+
+
+def load_labels(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read the labels file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{path}: the labels file is not UTF-8 text") from None
+    if path.lower().endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{path}: not valid JSON: {exc}") from None
+        if isinstance(data, dict):  # {"0": "tench"} or {"0": ["n01440764", "tench"]}
+            try:
+                items = sorted((int(k), v) for k, v in data.items())
+            except ValueError:
+                raise CLIError(f"{path}: JSON label keys must be class indices") from None
+            labels = [""] * (items[-1][0] + 1 if items else 0)
+            for k, v in items:
+                labels[k] = str(v[-1] if isinstance(v, list) and v else v)
+            return labels
+        if isinstance(data, list):
+            return [str(v[-1] if isinstance(v, list) and v else v) for v in data]
+        raise CLIError(f"{path}: JSON labels must be a list or an object of index -> name")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# -- output folder ------------------------------------------------------------------------------------------
+def plan_outputs(samples, out, spec, save_npy):
+    heat = spec.image
+    for s in samples:
+        s.outputs = {}
+        if heat:
+            s.outputs["heatmap"] = os.path.join(out, f"{s.name}_heatmap.png")
+            if s.kind == "image":
+                s.outputs["overlay"] = os.path.join(out, f"{s.name}_overlay.png")
+        if save_npy or not heat:
+            s.outputs["relevance"] = os.path.join(out, f"{s.name}_relevance.npy")
+
+
+def prepare_out_dir(out, samples, force):
+    """Refuse existing outputs without --force, create the folder, check that it is writable.
+    Returns the folders created (removed again if the run fails before writing)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a folder")
+    targets = [p for s in samples for p in s.outputs.values()]
+    if os.path.isdir(out) and not force:
+        existing = [p for p in targets if os.path.exists(p)]
+        if existing:
+            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+            raise CLIError(f"{existing[0]}{more} exist already; pass --force to overwrite, or choose another --out")
+    created, probe = [], os.path.abspath(out)
+    while not os.path.exists(probe):
+        created.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".onnxlrp-write-test-"):
+            pass
+    except OSError as exc:
+        remove_dirs(created)
+        raise CLIError(f"--out {out}: cannot write there: {exc.strerror or exc}") from None
+    return created
+
+
+def remove_dirs(created):
+    for d in created:  # innermost first; only if still empty
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+@contextmanager
+def atomic_path(target):
+    """A temporary path next to ``target`` that replaces it on success and is removed on failure."""
+    tmp = os.path.join(os.path.dirname(target) or ".", f".{os.path.basename(target)}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_png(img, target):
+    with atomic_path(target) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def save_npy(arr, target):
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+# -- progress -----------------------------------------------------------------------------------------------
+class Progress:
+    """click's progress bar on a terminal; with --progress on a pipe, one line per batch."""
+
+    def __init__(self, total, mode, label):
+        self.total, self.done = total, 0
+        tty = sys.stderr.isatty()
+        self.bar = None
+        self.lines = False
+        if mode is False:
+            return
+        if tty and (mode is True or mode is None):
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True,
+                                         show_eta=True, width=30)
+            self.bar.__enter__()
+        elif mode is True:
+            self.lines, self.label = True, label
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines:
+            click.echo(f"{self.label} {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%)", err=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def _batches(samples, size):
+    batch = []
+    for s in samples:
+        if batch and (len(batch) >= size or s.key != batch[0].key):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def _load_sample(s, spec, mean, std, arrays):
+    from ..images import display_image, load_image, normalize, to_layout
+    from ..errors import InputError
+    if s.kind == "image":
+        try:
+            arr = load_image(s.path, size=s.key[1], channels=spec.channels)
+        except InputError as exc:
+            raise CLIError(str(exc)) from None
+        x = normalize(arr, mean, std) if mean is not None else arr
+        return to_layout(x, spec.layout).astype(spec.dtype), display_image(arr)
+    if s.path not in arrays:
+        arrays.clear()  # keep one array file open at a time
+        arrays[s.path] = _load_npy(s.path)
+    a = arrays[s.path]
+    x = a[s.index] if s.index is not None else a
+    return np.asarray(x, dtype=spec.dtype), None
+
+
+def _label(labels, k):
+    if labels and 0 <= k < len(labels) and labels[k]:
+        return labels[k]
+    return None
+
+
+def _fmt_class(k, label):
+    return f"{k} ({label})" if label else str(k)
+
+
+def print_table(rows, explained_col):
+    headers = ["input", "predicted", "score"] + (["explained", "score"] if explained_col else []) + ["relevance sum"]
+    body = []
+    for r in rows:
+        line = [r["input"] + (f"[{r['index']}]" if r["index"] is not None else ""),
+                _fmt_class(r["predicted"], r["predicted_label"]), f"{r['score']:.4g}"]
+        if explained_col:
+            line += [_fmt_class(r["explained"], r["explained_label"]), f"{r['explained_score']:.4g}"]
+        line.append(f"{r['relevance_sum']:.4g}")
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+    right = {i for i, h in enumerate(headers) if h in ("score", "relevance sum")}
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    click.echo(fmt(headers))
+    for b in body:
+        click.echo(fmt(b))
+
+
+EXPLAIN_EPILOG = RULE_HELP + """
+\b
+Inputs:
+  Image files (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM), folders (their
+  images and .npy files, in natural order, not recursive), .npy arrays.
+  Images are read with Pillow as RGB (grayscale repeated, palettes expanded,
+  alpha dropped, 16-bit scaled by 65535; 1-channel models get grayscale and
+  refuse color images), resized to the model's input size when it is static
+  (bilinear, aspect ratio not kept; --input-shape for dynamic models),
+  scaled to [0, 1] and normalized with --mean/--std (ImageNet statistics by
+  default). NCHW or NHWC comes from the model's input shape (--layout).
+  A .npy array is one preprocessed sample or a batch, used as it is; models
+  whose input is not an image take only .npy arrays.
+
+\b
+Outputs, in --out (default ./lrp_out), for each input NAME:
+  NAME_heatmap.png    relevance summed over channels, at the model's input
+                      size: red positive (for the explained class), blue
+                      negative (against it), white zero
+  NAME_overlay.png    the heatmap over the (resized, desaturated) image
+  NAME_relevance.npy  the raw relevance (--save-npy; always for models whose
+                      input is not an image)
+Existing files are never overwritten without --force. A table goes to
+stdout: input, predicted class, score (the model output before softmax),
+relevance sum (close to 1 where the rules conserve relevance).
+--json prints the same as JSON.
+
+\b
+Examples:
+  onnxlrp explain model.onnx cat.png
+  onnxlrp explain model.onnx -c EpsilonGammaBox --low -3 --high 3 photos/
+  onnxlrp explain model.onnx photos/ --labels classes.txt -k 281 -o maps
+  onnxlrp explain model.onnx batch.npy --save-npy --json > results.json
+"""
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXPLAIN_EPILOG)
+@model_argument
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...", type=click.Path(path_type=str))
+@rule_options
+@click.option("--output-selection", "-k", type=click.IntRange(min=0), default=None, metavar="K",
+              help="Explain output K (a class index) for every input. Default: each input's top class.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Class names: a text file with one name per line (line i = class i), or JSON "
+                   "(a list, or an object index -> name, e.g. imagenet_class_index.json).")
+@click.option("--out", "-o", "out", type=click.Path(path_type=str), default=DEFAULT_OUT, metavar="DIR",
+              show_default=True, help="Folder for the heatmaps, overlays and .npy files (created if needed).")
+@click.option("--force", "-f", is_flag=True, help="Overwrite existing output files.")
+@click.option("--save-npy", is_flag=True, help="Also write the raw relevance of each input as NAME_relevance.npy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of a table.")
+@click.option("--mean", type=FloatList(), default=None,
+              help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.5 or 0.485,0.456,0.406. "
+                   "Default: the ImageNet mean (its average for 1-channel models).")
+@click.option("--std", type=FloatList(), default=None,
+              help="Per-channel standard deviation images are divided by. Default: the ImageNet std.")
+@click.option("--no-normalize", is_flag=True, help="Feed images scaled to [0, 1], without --mean/--std.")
+@click.option("--layout", type=click.Choice(["auto", "NCHW", "NHWC"], case_sensitive=False), default="auto",
+              metavar="[auto|NCHW|NHWC]",
+              show_default=True, help="Channel layout of the model's image input.")
+@click.option("--input-shape", type=ShapeType(), default=None,
+              help="The input dims after the batch axis in the model's order (e.g. 3,224,224), for models "
+                   "with dynamic height and width: images are resized to it.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Inputs explained per onnxruntime run.")
+@device_option
+@click.option("--reduce", type=click.Choice(["sum", "norm", "maxabs", "sumabs", "abssum"]), default="sum",
+              show_default=True, help="How the heatmap combines the channels of a pixel (sum keeps the sign).")
+@click.option("--rangescale", type=click.Choice(["centered", "extrema"]), default="centered", show_default=True,
+              help="centered: zero is the colormap's middle (white); extrema: min to max.")
+@click.option("--colormap", default="seismic", show_default=True,
+              help="A matplotlib colormap name (e.g. seismic, bwr, coolwarm, inferno).")
+@click.option("--clip-percentile", type=click.FloatRange(0, 100, min_open=True), default=None, metavar="P",
+              help="Clip the heatmap range at the P-th percentile (e.g. 99.5) so a few extreme pixels do not wash "
+                   "out the rest.")
+@click.option("--overlay-alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="Opacity of the heatmap over the image at the most relevant pixels.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar on stderr. Default: on a terminal, when there is more than one batch.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices on stderr (the results still print).")
+@skip_checks_option
+@debug_option
+def explain(model, inputs, output_selection, labels, out, force, save_npy, as_json, mean, std, no_normalize,
+            layout, input_shape, batch_size, device, reduce, rangescale, colormap, clip_percentile, overlay_alpha,
+            progress, quiet, skip_checks, **kwargs):
+    """Explain MODEL's predictions on INPUTS with LRP: heatmaps and overlays.
+
+    INPUTS are image files, folders of images, or .npy arrays. For each input, onnxlrp runs the
+    model, explains its top class (or --output-selection K) with the chosen LRP rules and writes a
+    heatmap and an overlay PNG into --out. Without --composite or --rule the rules are EpsilonPlus;
+    for images, EpsilonGammaBox with --low/--high bounding the normalized inputs is usually the
+    better choice.
+    """
+    spec_rules, desc = build_rules(**pop_rule_kwargs(kwargs))
+    if no_normalize and (mean is not None or std is not None):
+        raise click.UsageError("--no-normalize and --mean/--std exclude each other")
+    from ..heatmaps import colormap_lut
+    try:
+        colormap_lut(colormap)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--colormap") from None
+
+    found = collect_inputs(inputs)
+    label_names = load_labels(labels) if labels else None
+    # verbose=False: the device is named in the closing line instead of a notice before any error
+    analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks)
+    if analyzer.other_inputs:
+        raise CLIError(f"{model}: the model has more inputs ({', '.join(analyzer.other_inputs)}); "
+                       "the command line explains single-input models (use the Python API)")
+    spec = input_spec(analyzer, layout, input_shape)
+
+    out_shape = analyzer.output_shape
+    n_out = int(np.prod(out_shape[1:])) if out_shape and all(isinstance(d, int) for d in out_shape[1:]) else None
+    if output_selection is not None and n_out is not None and output_selection >= n_out:
+        raise CLIError(f"--output-selection {output_selection} is out of range: the model has {n_out} outputs per "
+                       f"sample (valid: 0..{n_out - 1})")
+    if label_names is not None and n_out is not None and len(label_names) != n_out and not quiet:
+        click.echo(f"onnxlrp: note: {labels} has {len(label_names)} labels for {n_out} outputs", err=True)
+
+    samples = validate_inputs(found, spec)
+    norm_mean = norm_std = None
+    if spec.image and not no_normalize:
+        c = spec.channels
+        norm_mean = mean or (GRAY_MEAN if c == 1 else (0.485, 0.456, 0.406))
+        norm_std = std or (GRAY_STD if c == 1 else (0.229, 0.224, 0.225))
+        for name, v in (("--mean", norm_mean), ("--std", norm_std)):
+            if len(v) not in (1, c):
+                raise CLIError(f"{name} has {len(v)} values for the model's {c}-channel images (give 1 or {c})")
+        if any(s == 0 for s in norm_std):
+            raise click.BadParameter("must not be zero", param_hint="--std")
+    if not spec.image and not quiet:
+        click.echo(f"onnxlrp: note: the model's input {spec.describe()} is not an image; writing the relevance "
+                   "as .npy files instead of heatmaps", err=True)
+
+    assign_names(samples)
+    plan_outputs(samples, out, spec, save_npy)
+    created = prepare_out_dir(out, samples, force)
+
+    hm_kwargs = dict(reduce=reduce, rangescale=rangescale, colormap=colormap, percentile=clip_percentile)
+    rows, arrays, written = [], {}, 0
+    bar = Progress(len(samples), False if quiet else (progress if progress is not None
+                                                      else (None if len(samples) > batch_size else False)),
+                   "explaining")
+    try:
+        for batch in _batches(samples, batch_size):
+            loaded = [_load_sample(s, spec, norm_mean, norm_std, arrays) for s in batch]
+            x = np.stack([xi for xi, _ in loaded])
+            expl = analyzer.analyze(x, output_selection)
+            rows.extend(_write_batch(batch, loaded, expl, spec, hm_kwargs, overlay_alpha, label_names))
+            written += sum(len(s.outputs) for s in batch)
+            bar.update(len(batch))
+    except BaseException:
+        if written == 0:
+            remove_dirs(created)
+        raise
+    finally:
+        bar.close()
+        arrays.clear()
+
+    if as_json:
+        click.echo(json.dumps({"model": model, "rules": desc, "device": analyzer.execution_device,
+                               "out": out, "results": rows}, indent=2))
+    else:
+        print_table(rows, explained_col=output_selection is not None)
+    if not quiet:
+        kinds = Counter(k for s in samples for k in s.outputs)
+        nouns = {"heatmap": ("heatmap", "heatmaps"), "overlay": ("overlay", "overlays"),
+                 "relevance": ("relevance array", "relevance arrays")}
+        what = ", ".join(f"{n} {nouns[k][n != 1]}" for k, n in kinds.items())
+        click.echo(f"onnxlrp: {desc} on {analyzer.execution_device}; wrote {what} to {out}{os.sep}", err=True)
+
+
+def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
+    from ..heatmaps import heatmap, heatmap_overlay
+    n = len(batch)
+    outputs = np.asarray(expl.output).reshape(n, -1)
+    rel = np.asarray(expl.val)
+    rows = []
+    for i, (s, (_, display)) in enumerate(zip(batch, loaded)):
+        pred = int(np.argmax(outputs[i]))
+        sel = int(expl.output_selection[i])
+        r = rel[i:i + 1]
+        if "heatmap" in s.outputs:
+            save_png(heatmap(r, layout=spec.layout, **hm_kwargs)[0], s.outputs["heatmap"])
+        if "overlay" in s.outputs:
+            save_png(heatmap_overlay(r, display, alpha, layout=spec.layout, **hm_kwargs)[0], s.outputs["overlay"])
+        if "relevance" in s.outputs:
+            save_npy(rel[i], s.outputs["relevance"])
+        rows.append({
+            "input": s.path, "index": s.index, "name": s.name,
+            "predicted": pred, "predicted_label": _label(labels, pred), "score": float(outputs[i, pred]),
+            "explained": sel, "explained_label": _label(labels, sel), "explained_score": float(outputs[i, sel]),
+            "relevance_sum": float(rel[i].sum(dtype=np.float64)),
+            "heatmap": s.outputs.get("heatmap"), "overlay": s.outputs.get("overlay"),
+            "relevance": s.outputs.get("relevance"),
+        })
+    return rows
