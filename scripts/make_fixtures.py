@@ -40,9 +40,43 @@ an exact variant of ``SequentialMergeBatchNorm``.  Zennit's stabilizer adds
 "plain Gamma" (RelevancePropagation.jl ``GammaRule``):
 ``R_in = a * Wg^T (R_out / stab(Wg a + bg))`` with ``Wg = W + gamma W+``, ``bg = b + gamma b+``.
 
-All relevances are computed in float64 (``model.double()``) from the float32 inputs ``x``.
-Output relevance: one-hot of the per-sample argmax with value 1 (unsuffixed keys), or one-hot
-times the selected logit (``*_unnormalized`` keys).
+All stored relevances are computed in float64 (``model.double()``) from the float32 inputs
+``x``.  Output relevance: one-hot of the per-sample argmax with value 1 (unsuffixed keys), or
+one-hot times the selected logit (``*_unnormalized`` keys).
+
+Seed choice and ``float32_consistency``
+---------------------------------------
+The tool under test runs in float32 (onnxruntime) and is checked against these references
+at a per-sample relative L2 error ``||R_tool - R_ref|| / ||R_ref|| <= 1e-4``.  That check
+is only meaningful if float32 arithmetic *itself* can reproduce the reference: where the
+LRP computation is ill-conditioned (e.g. plain Gamma denominators ``Wg a + bg`` close to 0)
+any float32 implementation, however correct, lands 1e-4 .. 1e-2 away from the float64
+value, and the fixture could not distinguish a semantic error from rounding.  Therefore
+every composite key (including ``*_generalized`` and ``*_unnormalized``) is computed twice
+with the very same zennit machinery: in float64 (stored) and in float32 (``model.float()``,
+float32 inputs and output relevance).  The seed of each model (weights and inputs) is picked
+by a bounded, deterministic search (``choose_seed``): the preferred seed ``MODEL_SEEDS[name]``
+first, then 1, 2, ..., ``SEED_SEARCH_MAX``; the first seed for which the float32 result of
+*every* key is within ``FLOAT32_TARGET = 1e-6`` (worst per-sample relative L2, i.e. plain
+accumulated float32 rounding) is taken, else the one with the smallest worst error.  A 1e-4
+tolerance then leaves two orders of magnitude between float32 rounding of a
+well-conditioned computation and the test threshold.  The measured worst float32-vs-float64
+error per key is stored as ``float32_consistency`` (float64 array, key order in
+``meta_json["float32_consistency_keys"]``); ``meta_json`` also records the chosen seed and
+every seed tried.  (The numbers are those of this machine's float32 kernels; the search is
+deterministic for a given torch build, single-threaded.)
+
+The ResNet needs more than a seed: with generic BN parameters the Norm rule of the residual
+sum sends relevance to negative residual-branch outputs, where the plain Gamma denominator
+``z + gamma z+`` crosses zero (no seed in 1..120 got below 7e-5; seed 31 of the previous
+version of this script: 3e-4).  Its BNs are therefore set up like a trained ResNet with
+small-gamma residual init (calibrated running statistics; last BN of each residual branch
+with scale U(0.2, 0.4) and shift ~ 1.0), see ``init_resnet_batchnorm``.  Residual adds, the
+overlapping 3x3/2 max pool, BN and the global average pool are unchanged.  Negative branch
+outputs with relevance become rare but do not vanish; since only they make plain and
+generalized Gamma differ, the ResNet seed must also keep those two references >= 1e-2 apart
+(per-sample relative L2, ``GAMMA_DISCRIMINATION``), so the fixture can still tell them
+apart at a 1e-4 tolerance.
 
 Run:  python scripts/make_fixtures.py [--out models_fixtures]
 Requires torch, zennit (torchvision is stubbed if broken, see ``zennit_compat.py``), onnx,
@@ -91,12 +125,16 @@ STAB = 1e-9             # Gamma, ZPlus, AlphaBeta, ZBox, Flat (Julia default)
 GAMMA = 0.25
 ZBOX_LOW, ZBOX_HIGH = -3.0, 3.0
 
-# resnet: the plain (RelevancePropagation.jl) Gamma rule is intrinsically ill-conditioned on
-# residual nets (the Norm rule on the residual sum sends relevance to conv outputs with z < 0,
-# whose gamma denominators Wg a + bg can come arbitrarily close to 0).  A seed scan (3..39)
-# gave float32-vs-float64 relative errors of 2e-5 .. 3e-2 for EpsilonGammaBox; seed 31 is the
-# best-conditioned one (the script prints this "f32 rel err" for every model/composite).
-MODEL_SEEDS = {"mlp": 1, "vgg": 2, "resnet": 31, "mobilenet": 4}
+# Preferred seed per model; ``choose_seed`` tries it first, then 1, 2, ..., SEED_SEARCH_MAX
+# (skipping it) and takes the first seed whose float32 reproduction of *every* stored
+# composite is within FLOAT32_TARGET (per-sample relative L2); if none is, the best one.
+MODEL_SEEDS = {"mlp": 1, "vgg": 2, "resnet": 3, "mobilenet": 4}
+SEED_SEARCH_MAX = 64
+FLOAT32_TARGET = 1e-6
+# Models on which plain and generalized Gamma can differ (negative relevance reaches conv
+# outputs via the residual Norm rule; on the chain nets they are provably identical): the
+# chosen seed must also keep the two apart, min per-sample relative L2 >= this.
+GAMMA_DISCRIMINATION = {"resnet": 1e-2}
 INPUT_SEED_OFFSET = 1000
 
 
@@ -183,6 +221,15 @@ class ResNet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(16, NUM_CLASSES)
 
+    def residual_branch_batchnorms(self):
+        """The BNs whose outputs enter a residual sum (last BN of each branch)."""
+        bns = []
+        for block in (self.layer1, self.layer2):
+            bns.append(block.bn2)
+            if block.downsample is not None:
+                bns.append(block.downsample[1])
+        return bns
+
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
@@ -253,17 +300,66 @@ def init_parameters(model: nn.Module) -> None:
                 m.bias.copy_(0.2 * torch.randn(c))
 
 
-def build_model(name: str) -> nn.Module:
+# ResNet residual branches: the last BN of each residual branch (bn2, downsample BN) gets a
+# "small-gamma" scale U(RES_BN_SCALE) and a positive shift RES_BN_SHIFT_MEAN + 0.2 N(0,1)
+# (see init_resnet_batchnorm); running stats of all ResNet BNs are calibrated on data.
+RES_BN_SCALE = (0.2, 0.4)
+RES_BN_SHIFT_MEAN = 1.0
+CALIBRATION_BATCH = 64
+
+
+def init_resnet_batchnorm(model: "ResNet") -> None:
+    """ResNet-specific BN setup (uses the global torch RNG, after :func:`init_parameters`).
+
+    Why: the plain Gamma rule divides the relevance of each conv output by
+    ``Wg a + bg``.  On a residual net the Norm rule of the residual sum hands relevance to
+    residual-branch outputs ``z < 0`` (wherever the other summand outweighs them), and there
+    ``Wg a + bg = z + gamma * z+`` crosses zero, so some denominators come arbitrarily
+    close to 0 (condition numbers ~1e3 seen with the generic BN init; float32 then
+    reproduces the float64 EpsilonGammaBox reference only to ~1e-4 .. 1e-2).  Like a trained
+    ResNet with "zero-/small-gamma" residual init, the branch BN here has a small scale and
+    a positive shift, so relevance-carrying branch outputs are (almost always) positive,
+    where ``z + gamma * z+ >= (1 + gamma) z`` is well conditioned.  The branch still depends
+    on its input (scale / shift ~ 0.2 .. 0.4), and negative branch outputs with relevance
+    remain (rarely), so plain and generalized Gamma still differ (see GAMMA_DISCRIMINATION).
+
+    1. residual-branch BNs: weight ~ U(RES_BN_SCALE), bias ~ RES_BN_SHIFT_MEAN + 0.2 N(0, 1)
+    2. running mean/var of *all* BNs are set to the batch statistics of CALIBRATION_BATCH
+       standard-normal images (train-mode forward pass, cumulative average), as in a trained
+       net, so that every BN output is ~ weight * N(0, 1) + bias.
+    """
+    bns = model.residual_branch_batchnorms()
+    with torch.no_grad():
+        for bn in bns:
+            c = bn.num_features
+            lo, hi = RES_BN_SCALE
+            bn.weight.copy_(lo + (hi - lo) * torch.rand(c))
+            bn.bias.copy_(RES_BN_SHIFT_MEAN + 0.2 * torch.randn(c))
+        all_bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for bn in all_bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average == plain batch statistics
+        model.train()
+        model(torch.randn((CALIBRATION_BATCH,) + MODEL_SPECS["resnet"][1]))
+        model.eval()
+        for bn in all_bns:
+            bn.momentum = 0.1
+            bn.num_batches_tracked.zero_()
+
+
+def build_model(name: str, seed: int | None = None) -> nn.Module:
     ctor = MODEL_SPECS[name][0]
-    torch.manual_seed(MODEL_SEEDS[name])
+    torch.manual_seed(MODEL_SEEDS[name] if seed is None else seed)
     model = ctor()
     init_parameters(model)
+    if isinstance(model, ResNet):
+        init_resnet_batchnorm(model)
     return model.float().eval()
 
 
-def make_inputs(name: str) -> np.ndarray:
+def make_inputs(name: str, seed: int | None = None) -> np.ndarray:
     shape = MODEL_SPECS[name][1]
-    gen = torch.Generator().manual_seed(MODEL_SEEDS[name] + INPUT_SEED_OFFSET)
+    gen = torch.Generator().manual_seed((MODEL_SEEDS[name] if seed is None else seed) + INPUT_SEED_OFFSET)
     return torch.randn((BATCH,) + shape, generator=gen, dtype=torch.float32).numpy()
 
 
@@ -399,11 +495,97 @@ def attribute(model: nn.Module, x: torch.Tensor, composite, out_relevance: torch
     return rel.detach()
 
 
-def compute_references(model32: nn.Module, x32: np.ndarray) -> tuple[dict, dict]:
+COMPOSITE_KEYS = [c + suffix for c in COMPOSITE_NAMES for suffix in ("", "_unnormalized")]
+
+
+def composite_relevances(model: nn.Module, x32: np.ndarray, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+    """All COMPOSITE_KEYS relevances of ``model`` converted to ``dtype`` (inputs ``x32``).
+
+    The whole computation (logits, selection, output relevance, rules) runs in ``dtype``.
+    Returns ({key: float64 numpy array}, logits).
+    """
+    model = copy.deepcopy(model).to(dtype).eval()
+    x = torch.from_numpy(x32).to(dtype)
+    with torch.no_grad():
+        logits = model(x)
+    selection = logits.argmax(dim=1)
+    onehot = torch.nn.functional.one_hot(selection, NUM_CLASSES).to(dtype)
+    selected_logit = logits.gather(1, selection[:, None])
+    rels = {}
+    for cname in COMPOSITE_NAMES:
+        rels[cname] = attribute(model, x, make_composite(cname), onehot).double().numpy()
+        rels[cname + "_unnormalized"] = attribute(
+            model, x, make_composite(cname), onehot * selected_logit).double().numpy()
+    return rels, logits
+
+
+def per_sample_rel_l2(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """||a[i] - ref[i]|| / ||ref[i]|| for every sample i (L2 over all non-batch axes)."""
+    a = a.reshape(len(a), -1)
+    ref = ref.reshape(len(ref), -1)
+    return np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref, axis=1)
+
+
+def float32_consistency(model32: nn.Module, x32: np.ndarray, rels64: dict, logits64: torch.Tensor) -> dict:
+    """Worst per-sample relative L2 of the float32 zennit result vs the float64 reference.
+
+    Same machinery (composites, canonizers, hooks), only ``model.float()`` and float32
+    inputs / output relevance.  A float32 selection differing from the float64 one counts
+    as a failure (inf).
+    """
+    rels32, logits32 = composite_relevances(model32, x32, torch.float32)
+    if not torch.equal(logits32.argmax(dim=1), logits64.argmax(dim=1)):
+        return {k: float("inf") for k in COMPOSITE_KEYS}
+    return {k: float(per_sample_rel_l2(rels32[k], rels64[k]).max()) for k in COMPOSITE_KEYS}
+
+
+def seed_candidates(name: str) -> list[int]:
+    preferred = MODEL_SEEDS[name]
+    return [preferred] + [s for s in range(1, SEED_SEARCH_MAX + 1) if s != preferred]
+
+
+def gamma_discrimination(rels64: dict) -> float:
+    """min over samples of the relative L2 between plain and generalized Gamma references."""
+    return float(per_sample_rel_l2(rels64["EpsilonGammaBox_generalized"], rels64["EpsilonGammaBox"]).min())
+
+
+def choose_seed(name: str):
+    """Deterministic seed search (see module docstring, "Seed choice").
+
+    Tries ``seed_candidates(name)`` in order; returns the first seed for which the float32
+    reproduction of every composite key is within FLOAT32_TARGET (and, for models listed in
+    GAMMA_DISCRIMINATION, plain and generalized Gamma references differ by at least that
+    much); if no candidate qualifies, the discriminating seed (if any) with the smallest
+    worst float32 error.  Returns (seed, model32, x32, rels64, logits64, consistency, tried)
+    with ``tried`` = [(seed, worst float32 error, gamma discrimination), ...] in search order.
+    """
+    min_disc = GAMMA_DISCRIMINATION.get(name, 0.0)
+    tried = []
+    best = None
+    for seed in seed_candidates(name):
+        model32 = build_model(name, seed)
+        x32 = make_inputs(name, seed)
+        rels64, logits64 = composite_relevances(model32, x32, torch.float64)
+        cons = float32_consistency(model32, x32, rels64, logits64)
+        worst = max(cons.values())
+        disc = gamma_discrimination(rels64)
+        tried.append((seed, worst, disc))
+        rank = (disc < min_disc, worst)
+        if best is None or rank < best[-1]:
+            best = (seed, model32, x32, rels64, logits64, cons, rank)
+        if worst <= FLOAT32_TARGET and disc >= min_disc:
+            break
+    seed, model32, x32, rels64, logits64, cons, _ = best
+    return seed, model32, x32, rels64, logits64, cons, tried
+
+
+def compute_references(model32: nn.Module, x32: np.ndarray, rels64: dict, logits64: torch.Tensor,
+                       consistency: dict) -> tuple[dict, dict]:
     model = copy.deepcopy(model32).double().eval()
     x = torch.from_numpy(x32).double()
     with torch.no_grad():
         logits = model(x)
+    assert torch.equal(logits, logits64)
     selection = logits.argmax(dim=1)
     onehot = torch.nn.functional.one_hot(selection, NUM_CLASSES).double()
     selected_logit = logits.gather(1, selection[:, None])
@@ -417,10 +599,9 @@ def compute_references(model32: nn.Module, x32: np.ndarray) -> tuple[dict, dict]
         "output_selection": selection.numpy().astype(np.int64),
         "grad_x_input": (grad * x).numpy(),
     }
-    for cname in COMPOSITE_NAMES:
-        refs[cname] = attribute(model, x, make_composite(cname), onehot).numpy()
-        refs[cname + "_unnormalized"] = attribute(
-            model, x, make_composite(cname), onehot * selected_logit).numpy()
+    for key in COMPOSITE_KEYS:
+        refs[key] = rels64[key]
+    refs["float32_consistency"] = np.array([consistency[k] for k in COMPOSITE_KEYS], dtype=np.float64)
 
     # --- sanity checks (printed, not asserted unless noted) ---
     lrp0 = attribute(model, x, make_lrp0_composite(), onehot * selected_logit).numpy()
@@ -439,15 +620,8 @@ def compute_references(model32: nn.Module, x32: np.ndarray) -> tuple[dict, dict]
         "unnorm_consistency_maxdiff": max(
             float(np.abs(refs[c + "_unnormalized"] - refs[c] * sel.reshape((-1,) + (1,) * (x32.ndim - 1))).max())
             for c in COMPOSITE_NAMES),
+        "f32_rel_l2": consistency,
     }
-    # conditioning: same composites evaluated in float32, max error relative to max |R|
-    x_f = torch.from_numpy(x32)
-    onehot_f = onehot.float()
-    checks["f32_rel_err"] = {}
-    for cname in COMPOSITE_NAMES:
-        r32 = attribute(model32, x_f, make_composite(cname), onehot_f).double().numpy()
-        ref = refs[cname]
-        checks["f32_rel_err"][cname] = float(np.abs(r32 - ref).max() / np.abs(ref).max())
     for k, v in refs.items():
         assert np.all(np.isfinite(v)), f"non-finite values in {k}"
     return refs, checks
@@ -573,14 +747,29 @@ def main(argv=None) -> int:
                   "preceding conv; stabilizer z + eps*sign(z), sign(0)=+1; float64",
         "output_relevance": "one-hot(argmax) with value 1; *_unnormalized: one-hot * selected logit",
         "references_on": "logits (model without output softmax)",
+        "float32_consistency_keys": COMPOSITE_KEYS,
+        "float32_consistency": "per key (order of float32_consistency_keys): worst per-sample relative L2 "
+                               "||R32 - R64|| / ||R64|| of the same zennit computation run in float32 "
+                               "(model.float()) vs the stored float64 reference",
     }
 
     for name in MODEL_SPECS:
         print(f"=== {name} ===", flush=True)
-        model32 = build_model(name)
-        x32 = make_inputs(name)
-        refs, checks = compute_references(model32, x32)
-        refs["meta_json"] = np.array(json.dumps(dict(meta, model=name)))
+        seed, model32, x32, rels64, logits64, consistency, tried = choose_seed(name)
+        print("  seed search (seed: worst float32 rel L2 / plain-vs-generalized Gamma rel L2): "
+              + ", ".join(f"{s}: {w:.2e}/{d:.1e}" for s, w, d in tried) + f"  -> seed {seed}", flush=True)
+        refs, checks = compute_references(model32, x32, rels64, logits64, consistency)
+        seed_info = {
+            "seed": seed,
+            "seed_search": {
+                "candidates": f"{MODEL_SEEDS[name]}, then 1..{SEED_SEARCH_MAX}",
+                "float32_target": FLOAT32_TARGET,
+                "min_gamma_plain_vs_generalized": GAMMA_DISCRIMINATION.get(name, 0.0),
+                "tried [seed, worst float32 rel L2, plain-vs-generalized Gamma rel L2]":
+                    [[s, float(f"{w:.2e}"), float(f"{d:.2e}")] for s, w, d in tried],
+            },
+        }
+        refs["meta_json"] = np.array(json.dumps(dict(meta, model=name, **seed_info)))
         np.savez_compressed(out / f"{name}_ref.npz", **refs)
 
         export_model = _export_module(name, model32)
@@ -639,18 +828,18 @@ def main(argv=None) -> int:
         print(f"  EpsilonPlus_unnormalized sum vs logit   : {np.round(checks['eplus_unnorm_sum_vs_logit'], 4).tolist()}")
         print(f"  plain vs generalized Gamma max diff     : {checks['gamma_plain_vs_generalized_maxdiff']:.3e}")
         print(f"  unnormalized == logit * normalized      : {checks['unnorm_consistency_maxdiff']:.3e}")
-        print("  float32 zennit vs float64 reference (max err / max|R|): "
-              + ", ".join(f"{k}={v:.1e}" for k, v in checks["f32_rel_err"].items()))
-        summary_rows.append((name, x32.shape, "".join(map(str, refs["output_selection"])), checks))
+        print("  float32 zennit vs float64 reference (worst per-sample rel L2): "
+              + ", ".join(f"{k}={v:.1e}" for k, v in checks["f32_rel_l2"].items()))
+        summary_rows.append((name, seed, x32.shape, "".join(map(str, refs["output_selection"])), checks))
 
     print("\n=== summary ===")
-    hdr = (f"{'model':10s} {'x shape':16s} {'selection':12s} {'LRP0-GxI':>9s} {'EPlus sum (mean)':>17s} "
-           f"{'Gamma plain-gen':>16s} {'worst f32 rel err':>18s}")
+    hdr = (f"{'model':10s} {'seed':>4s} {'x shape':16s} {'selection':12s} {'LRP0-GxI':>9s} {'EPlus sum (mean)':>17s} "
+           f"{'Gamma plain-gen':>16s} {'worst f32 rel L2':>17s}")
     print(hdr)
     print("-" * len(hdr))
-    for name, shape, sel, c in summary_rows:
-        worst = max(c["f32_rel_err"].items(), key=lambda kv: kv[1])
-        print(f"{name:10s} {str(shape):16s} {str(sel):12s} {c['lrp0_vs_gxi_maxdiff']:9.1e} "
+    for name, seed, shape, sel, c in summary_rows:
+        worst = max(c["f32_rel_l2"].items(), key=lambda kv: kv[1])
+        print(f"{name:10s} {seed:4d} {str(shape):16s} {str(sel):12s} {c['lrp0_vs_gxi_maxdiff']:9.1e} "
               f"{np.mean(c['eplus_sum']):17.4f} {c['gamma_plain_vs_generalized_maxdiff']:16.3e} "
               f"{worst[1]:9.1e} ({worst[0]})")
     files = sorted(out.iterdir())
