@@ -101,7 +101,10 @@ def normalize_gemm(graph) -> None:
                 node.inputs[2] = gs.Constant(_fresh(node.inputs[2].name), c.astype(w.dtype))
         if a.get("transA", 0):
             x = node.inputs[0]
-            xt = gs.Variable(_fresh(x.name + "_T"), dtype=x.dtype)
+            # Give the new tensor its shape: the rewriter needs static shapes of every layer input and
+            # the analyzer only re-runs shape inference when the input shape changes.
+            xt = gs.Variable(_fresh(x.name + "_T"), dtype=x.dtype,
+                             shape=None if x.shape is None else list(reversed(x.shape)))
             graph.nodes.append(gs.Node("Transpose", name=_fresh("transA"), attrs={"perm": [1, 0]},
                                        inputs=[x], outputs=[xt]))
             node.inputs[0] = xt

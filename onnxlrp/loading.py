@@ -124,10 +124,65 @@ def _fix_batch_reshapes(graph: gs.Graph, old_batch) -> None:
                 node.inputs[1] = gs.Constant(target.name + "_batch", values)
 
 
+def _ceil_mode_pool_size(size, k, s, d, pb, pe):
+    """Output length of a ceil_mode pool as onnxruntime (and ONNX from opset 22 on) computes it: a
+    window that would start in the right padding is dropped."""
+    out = -(-(size + pb + pe - (k - 1) * d - 1) // s) + 1
+    return out - 1 if (out - 1) * s >= size + pb else out
+
+
+def _explicit_ceil_mode_pools(graph: gs.Graph) -> bool:
+    """Rewrite ceil_mode MaxPool/AveragePool nodes whose last window onnxruntime drops as ceil_mode=0
+    with the end padding that yields the same windows. onnx's shape inference for opsets < 22 keeps
+    that window, so its shapes (which onnxruntime also checks the relevance graph against) disagree
+    with onnxruntime's output. Padding is -inf for MaxPool and not counted by AveragePool with
+    count_include_pad=0, so the rewrite is exact there; with count_include_pad=1 only when the end
+    padding stays as it is (more of it would change the last window's divisor).
+    Returns whether a node changed."""
+    changed = False
+    for node in graph.nodes:
+        if node.op not in ("MaxPool", "AveragePool") or not node.attrs.get("ceil_mode", 0):
+            continue
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            continue
+        x = node.inputs[0]
+        if x.shape is None or not all(isinstance(v, int) for v in x.shape[2:]):
+            continue
+        kernel = list(node.attrs["kernel_shape"])
+        n = len(kernel)
+        strides = list(node.attrs.get("strides", [1] * n))
+        dilations = list(node.attrs.get("dilations", [1] * n))
+        pads = list(node.attrs.get("pads", [0] * (2 * n)))
+        new_end, differs = [], False
+        for i, size in enumerate(x.shape[2:]):
+            k, st, d, pb, pe = kernel[i], strides[i], dilations[i], pads[i], pads[n + i]
+            out = _ceil_mode_pool_size(size, k, st, d, pb, pe)
+            end = max(pe, (out - 1) * st + (k - 1) * d + 1 - size - pb)
+            if (size + pb + end - (k - 1) * d - 1) // st + 1 != out:
+                break  # no floor-mode padding gives these windows
+            if end != pe and node.op == "AveragePool" and node.attrs.get("count_include_pad", 0):
+                break
+            differs |= out != -(-(size + pb + pe - (k - 1) * d - 1) // st) + 1
+            new_end.append(end)
+        else:
+            if differs:
+                node.attrs["ceil_mode"] = 0
+                node.attrs["pads"] = pads[:n] + new_end
+                changed = True
+    return changed
+
+
 def _infer_shapes(graph: gs.Graph, source: str) -> gs.Graph:
     model = gs.export_onnx(graph, do_type_check=False)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        rewritten = gs.import_onnx(model)
+        if _explicit_ceil_mode_pools(rewritten):
+            for tensor in rewritten.tensors().values():  # infer again from scratch
+                if isinstance(tensor, gs.Variable) and tensor not in rewritten.inputs:
+                    tensor.shape = None
+            model = onnx.shape_inference.infer_shapes(gs.export_onnx(rewritten, do_type_check=False),
+                                                      data_prop=True)
     except Exception as exc:
         raise ModelLoadError(f"{source}: shape inference failed: {exc}") from None
     return gs.import_onnx(model)

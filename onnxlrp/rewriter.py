@@ -166,7 +166,9 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
     argmax = b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0})
     negative = b.op("Less", [selection, b.i64(0)])
     selection_used = b.op("Where", [negative, argmax, selection])
-    onehot = b.op("OneHot", [selection_used, b.i64(k), b.const(np.asarray([0, 1], dtype=dtype))], attrs={"axis": -1})
+    # One-hot as Equal(arange, selection): onnxruntime has OneHot for few value types (no double).
+    column = b.op("Unsqueeze", [selection_used, b.i64([1])])
+    onehot = b.op("Cast", [b.op("Equal", [b.i64(np.arange(k)[None, :]), column])], attrs={"to": b.onnx_dtype})
     value = b.op("Where", [normalize, b.const(np.asarray(1, dtype=dtype)), flat_y])
     seed = b.op("Reshape", [b.op("Mul", [onehot, value]), b.op("Shape", [y])])
 

@@ -135,12 +135,16 @@ class ConvTransposeEmitter(ConvEmitter):
         strides = list(node.attrs.get("strides", [1] * n))
         dilations = list(node.attrs.get("dilations", [1] * n))
         pads = node.attrs.get("pads")
-        if pads is None or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        # output_shape overrides explicit pads (ONNX and onnxruntime ignore them then).
+        if pads is None or "output_shape" in node.attrs or \
+                node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             # Derive the cropping from the shapes shape inference gave us.
             totals = [s * (i - 1) + (k - 1) * d + 1 - o for i, o, k, s, d in
                       zip(x_shape[2:], y_shape[2:], kernel, strides, dilations)]
             auto_pad = node.attrs.get("auto_pad", "NOTSET")
-            upper = auto_pad not in ("SAME_LOWER", b"SAME_LOWER")
+            # ONNX: only SAME_UPPER puts the smaller half of the padding first; SAME_LOWER and an
+            # explicit output_shape (auto_pad NOTSET) put the larger half first.
+            upper = auto_pad in ("SAME_UPPER", b"SAME_UPPER")
             begin = [max(t, 0) // 2 if upper else max(t, 0) - max(t, 0) // 2 for t in totals]
             end = [max(t, 0) - bgn for t, bgn in zip(totals, begin)]
         else:
@@ -152,7 +156,10 @@ class ConvTransposeEmitter(ConvEmitter):
         inputs = [xs[0].var, ctx.b.const(params.weight)]
         if params.bias is not None:
             inputs.append(ctx.b.const(params.bias))
-        _, output_padding = transpose_pads(y_shape[2:], x_shape[2:], kernel, strides, dilations, begin)
+        # The output_padding that gives the layer's own output size with these pads (the node's own
+        # attribute does not apply to pads derived from auto_pad/output_shape).
+        output_padding = [o - (s * (i - 1) + (k - 1) * d + 1 - b - e) for i, o, k, s, d, b, e in
+                          zip(x_shape[2:], y_shape[2:], kernel, strides, dilations, begin, end)]
         return ctx.b.op("ConvTranspose", inputs, attrs={
             "strides": strides, "dilations": dilations, "pads": begin + end,
             "output_padding": output_padding, "group": layer.node.attrs.get("group", 1)})

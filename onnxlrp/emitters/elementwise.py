@@ -77,7 +77,9 @@ class MergeEmitter(Emitter):
         return list(range(len(node.inputs)))
 
     def unsupported_reason(self, node, is_data):
-        if not all(is_data(t) for t in node.inputs):
+        # Operands computed from another graph input (not the explained one) are allowed: like a bias
+        # they absorb their share of the relevance (no layer consumes it).
+        if any(const_value(t) is not None for t in node.inputs):
             return "mixes data tensors and constants in a way onnxlrp does not split"
         return None
 
@@ -198,6 +200,11 @@ class ArithmeticEmitter(Emitter):
     def resolve(self, node, is_data):
         n_data = sum(1 for t in node.inputs if is_data(t))
         if n_data == len(node.inputs) and node.op in ("Add", "Sub", "Sum"):
+            return _MERGE
+        if node.op in ("Add", "Sub", "Sum") and len(node.inputs) > 1 and \
+                all(const_value(t) is None for t in node.inputs):
+            # A sum with a tensor computed from another graph input (a model with several inputs,
+            # explaining one): a merge in which the other operand acts like a bias.
             return _MERGE
         if node.op == "Mul" and n_data == 2:
             return _GATE

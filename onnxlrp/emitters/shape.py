@@ -115,8 +115,15 @@ class SliceEmitter(ReshapingEmitter):
         rank = len(shape)
         axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
         begin, end = [0] * rank, [0] * rank
-        for a, st in zip(axes, starts):
+        for a, st, en in zip(axes, starts, ends):
             size = shape[a]
+            if not isinstance(size, (int, np.integer)):
+                # A symbolic axis (the batch, e.g. a Slice without `axes` that lists every axis) can
+                # only be kept whole, x[0:INT_MAX]; it needs no padding.
+                if int(st) != 0 or int(en) < 2 ** 31 - 1:
+                    raise ValueError(f"node '{layer.name}' (Slice) slices the dynamic axis {a} "
+                                     f"({int(st)}:{int(en)})")
+                continue
             st = int(st) + size if st < 0 else int(st)
             st = min(max(st, 0), size)
             begin[a] = st

@@ -90,16 +90,20 @@ class Sym:
 
 
 def broadcast_bound(value, shape, dtype):
-    """Bring a scalar, per-channel vector or per-element array to shape (1, *shape)."""
+    """Bring a bound to shape (1, *shape): a scalar, a 1-D per-channel vector (length C for an input of
+    shape (C, ...)), or an array that broadcasts to the input's shape (numpy rules, no batch axis)."""
     arr = np.asarray(value, dtype=dtype)
     full = (1,) + tuple(shape)
-    if arr.ndim == 1 and len(shape) >= 2 and arr.shape[0] == shape[0] and arr.shape[0] != shape[-1]:
-        arr = arr.reshape((arr.shape[0],) + (1,) * (len(shape) - 1))  # per-channel (C,) for (C, H, W)
+    if arr.ndim == 1 and len(shape) >= 2:
+        if arr.shape[0] != shape[0]:
+            raise ValueError(f"a 1-D bound is per channel: expected {shape[0]} values for the layer input of "
+                             f"shape {tuple(shape)}, got {arr.shape[0]}")
+        arr = arr.reshape((arr.shape[0],) + (1,) * (len(shape) - 1))
     try:
         return np.ascontiguousarray(np.broadcast_to(arr, full))
     except ValueError:
         raise ValueError(f"bound of shape {np.shape(value)} does not broadcast to the layer input "
-                         f"shape {full}") from None
+                         f"shape {tuple(shape)}") from None
 
 
 # -- helpers that work on numpy arrays and Sym alike ---------------------------------------------------
