@@ -59,6 +59,37 @@ class Emitter:
         return [relevance_out[0]] + [None] * (len(layer.inputs) - 1)
 
 
+class WeightBiasEmitter(Emitter):
+    """Layers op(x, W[, b]) with the data in input 0 and constant weight and optional bias (Conv, Gemm)."""
+
+    def unsupported_reason(self, node, is_data):
+        if len(node.inputs) < 2 or const_value(node.inputs[1]) is None:
+            return "the weight is not a constant (only constant-weight layers are supported)"
+        if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
+            return "the bias is not a constant"
+        if not is_data(node.inputs[0]):
+            return "the data input is not the first input"
+        return self.layout_reason(node)
+
+    def layout_reason(self, node):
+        return None
+
+    def data_input_indices(self, node, is_data):
+        return [0]
+
+    def stored_params(self, node):
+        weight = const_value(node.inputs[1])
+        bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        return weight, bias
+
+    def operands(self, ctx, x, params):
+        """[x, W, b] (b left out when the layer has none) for re-evaluating the layer."""
+        inputs = [x, ctx.b.const(params.weight)]
+        if params.bias is not None:
+            inputs.append(ctx.b.const(params.bias))
+        return inputs
+
+
 def per_channel(value, rank, axis, channels):
     """A constant that only varies along ``axis`` as a (channels,) vector, else None."""
     c = np.asarray(value)

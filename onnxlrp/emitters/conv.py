@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._onnx_utils import const_value
 from ..rules.base import Params
-from .base import Emitter, register
+from .base import WeightBiasEmitter, register
 
 
 def conv_geometry(node, in_spatial, kernel, out_spatial=None):
@@ -56,26 +55,12 @@ def flipped_transposed_weight(weight, group):
 
 
 @register
-class ConvEmitter(Emitter):
+class ConvEmitter(WeightBiasEmitter):
     op_types = ("Conv",)
     group = "ConvLayer"
 
-    def unsupported_reason(self, node, is_data):
-        if len(node.inputs) < 2 or const_value(node.inputs[1]) is None:
-            return "the weight is not a constant (only constant-weight convolutions are layers)"
-        if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
-            return "the bias is not a constant"
-        if not is_data(node.inputs[0]):
-            return "the data input is not the first input"
-        return None
-
-    def data_input_indices(self, node, is_data):
-        return [0]
-
     def params(self, layer):
-        node = layer.node
-        bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-        return Params(const_value(node.inputs[1]), bias)
+        return Params(*self.stored_params(layer.node))
 
     def geometry(self, ctx, layer):
         x_shape = ctx.shape(layer.inputs[0])
@@ -86,10 +71,7 @@ class ConvEmitter(Emitter):
 
     def forward(self, ctx, layer, xs, params):
         _, _, kernel, strides, dilations, begin, end = self.geometry(ctx, layer)
-        inputs = [xs[0].var, ctx.b.const(params.weight)]
-        if params.bias is not None:
-            inputs.append(ctx.b.const(params.bias))
-        return ctx.b.op("Conv", inputs, attrs={"strides": strides, "dilations": dilations, "pads": begin + end,
+        return ctx.b.op("Conv", self.operands(ctx, xs[0].var, params), attrs={"strides": strides, "dilations": dilations, "pads": begin + end,
                                                "group": layer.node.attrs.get("group", 1)})
 
     def backward(self, ctx, layer, s, params):
@@ -153,9 +135,7 @@ class ConvTransposeEmitter(ConvEmitter):
 
     def forward(self, ctx, layer, xs, params):
         x_shape, y_shape, kernel, strides, dilations, begin, end = self.geometry(ctx, layer)
-        inputs = [xs[0].var, ctx.b.const(params.weight)]
-        if params.bias is not None:
-            inputs.append(ctx.b.const(params.bias))
+        inputs = self.operands(ctx, xs[0].var, params)
         # The output_padding that gives the layer's own output size with these pads (the node's own
         # attribute does not apply to pads derived from auto_pad/output_shape).
         output_padding = [o - (s * (i - 1) + (k - 1) * d + 1 - b - e) for i, o, k, s, d, b, e in

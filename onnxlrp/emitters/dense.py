@@ -5,43 +5,30 @@ import numpy as np
 
 from .._onnx_utils import const_value
 from ..rules.base import Params
-from .base import Emitter, register
+from .base import Emitter, WeightBiasEmitter, register
 
 
 @register
-class GemmEmitter(Emitter):
+class GemmEmitter(WeightBiasEmitter):
     """y = x W^T + b with W of shape (out, in), the layout canonization leaves every Gemm in."""
     op_types = ("Gemm",)
     group = "DenseLayer"
     out_axis = 0
 
-    def unsupported_reason(self, node, is_data):
-        if const_value(node.inputs[1]) is None:
-            return "the weight (input B) is not a constant"
-        if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
-            return "the bias (input C) is not a constant"
-        if not is_data(node.inputs[0]):
-            return "the data input is not input A"
+    def layout_reason(self, node):
         a = node.attrs
         if a.get("transA", 0) or not a.get("transB", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
             return "Gemm not canonized (run onnxlrp.canonize first)"
         return None
 
-    def data_input_indices(self, node, is_data):
-        return [0]
-
     def params(self, layer):
-        node = layer.node
-        bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        weight, bias = self.stored_params(layer.node)
         if bias is not None:
-            bias = np.broadcast_to(bias, (const_value(node.inputs[1]).shape[0],)).copy()
-        return Params(const_value(node.inputs[1]), bias)
+            bias = np.broadcast_to(bias, (weight.shape[0],)).copy()
+        return Params(weight, bias)
 
     def forward(self, ctx, layer, xs, params):
-        inputs = [xs[0].var, ctx.b.const(params.weight)]
-        if params.bias is not None:
-            inputs.append(ctx.b.const(params.bias))
-        return ctx.b.op("Gemm", inputs, attrs={"transB": 1})
+        return ctx.b.op("Gemm", self.operands(ctx, xs[0].var, params), attrs={"transB": 1})
 
     def backward(self, ctx, layer, s, params):
         return [ctx.b.op("MatMul", [s, ctx.b.const(params.weight)])]
