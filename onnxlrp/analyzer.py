@@ -15,7 +15,8 @@ from .errors import InputError, LRPError
 from .explanation import Explanation
 from .layers import build_layers
 from .loading import BATCH_DIM, _infer_shapes, load_model
-from .rewriter import NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model
+from .rewriter import (NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model,
+                       export_relevance_model)
 from .rules import Rule
 from .runtime import cuda_provider_options, make_session, session_device
 
@@ -59,7 +60,7 @@ class LRP:
         self.device = device
         self.layer_relevances = layer_relevances
         self.cuda_options = cuda_provider_options(allow_tf32, cudnn_conv_algo_search)
-        self._canonical = gs.export_onnx(loaded.graph, do_type_check=False)
+        self._canonical = loaded.graph  # emission works on copies (they share the weight arrays)
         self.layers = build_layers(loaded.graph, self.data_input, strict=not skip_checks)
         self.rules = self._resolve_rules(rules_or_composite)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
@@ -93,7 +94,7 @@ class LRP:
     def _build(self, feature_shape):
         if feature_shape in self._built:
             return self._built[feature_shape]
-        graph = gs.import_onnx(self._canonical)
+        graph = self._canonical.copy()
         x = next(t for t in graph.inputs if t.name == self.data_input)
         if tuple(x.shape[1:]) != feature_shape:
             x.shape = [BATCH_DIM] + list(feature_shape)
@@ -111,8 +112,13 @@ class LRP:
                                      layer_relevances=self.layer_relevances, doc=doc)
         session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
                                cuda_options=self.cuda_options)
-        self._built[feature_shape] = (model, session)
+        del model  # the graph keeps the arrays; relevance_model exports it again on demand
+        self._built[feature_shape] = ((graph, doc), session)
         return self._built[feature_shape]
+
+    def _export(self, built):
+        graph, doc = built[0]
+        return export_relevance_model(graph, self.opset, doc)
 
     @property
     def relevance_model(self) -> onnx.ModelProto:
@@ -120,7 +126,7 @@ class LRP:
         if not self._built:
             raise LRPError(f"{self.source}: the input shape is dynamic; call analyze once (or save with "
                            "input_shape=...) so the relevance graph can be emitted")
-        return list(self._built.values())[-1][0]
+        return self._export(list(self._built.values())[-1])
 
     @property
     def execution_device(self) -> str:
@@ -128,7 +134,7 @@ class LRP:
 
     def save(self, path, input_shape=None):
         """Write the emitted relevance graph; it runs in plain onnxruntime without onnxlrp."""
-        model = self._build(tuple(input_shape))[0] if input_shape is not None else self.relevance_model
+        model = self._export(self._build(tuple(input_shape))) if input_shape is not None else self.relevance_model
         onnx.save(model, os.fspath(path))
         return path
 
@@ -176,7 +182,7 @@ class LRP:
         where the session ran (on the GPU with the CUDA provider), for chaining further GPU work.
         """
         x = self._check_input(x)
-        model, session = self._build(tuple(x.shape[1:]))
+        _, session = self._build(tuple(x.shape[1:]))
         y_shape = self.output_shape
         n_out = int(np.prod(y_shape[1:])) if y_shape and all(isinstance(d, int) for d in y_shape[1:]) else None
         sel = self._selection(output_selection, x.shape[0], n_out)

@@ -172,20 +172,49 @@ def _explicit_ceil_mode_pools(graph: gs.Graph) -> bool:
     return changed
 
 
+#: Constants with more elements than this reach shape inference as typed graph inputs only, so big
+#: weights are never serialized just to learn their (already known) shapes.
+_SHAPE_ONLY_LIMIT = 4096
+
+
+def _infer_once(graph: gs.Graph) -> None:
+    light = graph.copy()  # shares the numpy arrays
+    typed_inputs = {}
+    for node in light.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > _SHAPE_ONLY_LIMIT:
+                if tensor.name not in typed_inputs:
+                    typed_inputs[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+                node.inputs[i] = typed_inputs[tensor.name]
+    light.inputs.extend(typed_inputs.values())
+    model = onnx.shape_inference.infer_shapes(gs.export_onnx(light, do_type_check=False), data_prop=True)
+    inferred = {}
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        ttype = info.type.tensor_type
+        if not ttype.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+        inferred[info.name] = (ttype.elem_type, dims)
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and name in inferred and tensor not in graph.inputs:
+            elem_type, dims = inferred[name]
+            tensor.shape = dims
+            if tensor.dtype is None and elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+
+
 def _infer_shapes(graph: gs.Graph, source: str) -> gs.Graph:
-    model = gs.export_onnx(graph, do_type_check=False)
+    """Infer shapes into ``graph`` (in place; returned for chaining)."""
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        rewritten = gs.import_onnx(model)
-        if _explicit_ceil_mode_pools(rewritten):
-            for tensor in rewritten.tensors().values():  # infer again from scratch
-                if isinstance(tensor, gs.Variable) and tensor not in rewritten.inputs:
+        _infer_once(graph)
+        if _explicit_ceil_mode_pools(graph):
+            for tensor in graph.tensors().values():  # infer again from scratch
+                if isinstance(tensor, gs.Variable) and tensor not in graph.inputs:
                     tensor.shape = None
-            model = onnx.shape_inference.infer_shapes(gs.export_onnx(rewritten, do_type_check=False),
-                                                      data_prop=True)
+            _infer_once(graph)
     except Exception as exc:
         raise ModelLoadError(f"{source}: shape inference failed: {exc}") from None
-    return gs.import_onnx(model)
+    return graph
 
 
 def load_model(model, input_name: str | None = None) -> LoadedModel:

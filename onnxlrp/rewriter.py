@@ -34,7 +34,8 @@ class Builder:
         self.dtype = np.dtype(dtype)
         self.onnx_dtype = onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
         self._n = 0
-        self._consts = {}
+        self._consts = {}   # small arrays, by content
+        self._by_id = {}    # id(array) -> (array, Constant): big arrays by identity (the array is kept alive)
 
     def fresh(self, hint):
         self._n += 1
@@ -49,11 +50,25 @@ class Builder:
         self.graph.nodes.append(gs.Node(op, name=self.fresh(op), attrs=attrs or {}, inputs=inputs, outputs=outs))
         return outs[0] if outputs == 1 else outs
 
+    def adopt(self, array, constant):
+        """Reuse ``constant`` whenever ``array`` itself is asked for (the model's own initializers)."""
+        self._by_id[id(array)] = (array, constant)
+
     def const(self, array):
+        """A constant for ``array``: unchanged weights reuse the model's initializer, the same array asked
+        twice gives one initializer, and small arrays are deduplicated by content."""
+        hit = self._by_id.get(id(array))
+        if hit is not None and hit[0] is array:
+            return hit[1]
+        source = array
         array = np.asarray(array)
         if array.dtype.kind == "f":
             array = array.astype(self.dtype, copy=False)
         array = np.ascontiguousarray(array)
+        if array.nbytes > 1 << 16:  # hashing big weights costs more than it saves
+            constant = gs.Constant(self.fresh("const"), array)
+            self._by_id[id(source)] = (source, constant)
+            return constant
         key = (array.dtype.str, array.shape, hashlib.blake2b(array.tobytes(), digest_size=16).digest())
         if key not in self._consts:
             self._consts[key] = gs.Constant(self.fresh("const"), array)
@@ -143,7 +158,7 @@ def _opset_ir_version(opset: int) -> int:
 
 def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset: int,
                          layer_relevances=False, doc=""):
-    """Add the backward pass for ``rules`` (one per layer) to ``graph`` and export it."""
+    """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place) and export it."""
     x = next(t for t in graph.inputs if t.name == data_input)
     reserved = {OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, NORMALIZE}
     for name, tensor in graph.tensors().items():
@@ -153,6 +168,9 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
             tensor.name = f"{name}__model"
     dtype = np.dtype(x.dtype or np.float32)
     b = Builder(graph, dtype)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            b.adopt(np.asarray(tensor.values), tensor)
     ctx = EmitContext(b)
     for layer in layers:
         layer.emitter.prepare(ctx, layer)
@@ -203,6 +221,11 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
     graph.inputs = [x] + [t for t in graph.inputs if t is not x and isinstance(t, gs.Variable)] + [selection, normalize]
     graph.outputs = outputs
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return export_relevance_model(graph, opset, doc)
+
+
+def export_relevance_model(graph: gs.Graph, opset: int, doc="") -> onnx.ModelProto:
+    """The ModelProto of an emitted relevance graph, with an IR version onnxruntime accepts."""
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = _opset_ir_version(opset)
     del model.opset_import[:]

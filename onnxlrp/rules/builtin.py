@@ -23,6 +23,13 @@ def _gamma(gamma, part):
     return lambda p: p + gamma * part(p)
 
 
+def _without_bias(params):
+    """The same weight array (so the emitted graph stores it once) with a zero bias."""
+    if params is None or params.bias is None:
+        return params
+    return Params(params.weight, np.zeros_like(params.bias))
+
+
 @dataclass(eq=False, repr=False)
 class ZeroRule(Rule):
     """LRP-0: R_j = sum_i W_ij a_j / (sum_l W_il a_l + b_i) R_i."""
@@ -98,7 +105,7 @@ class ZPlusRule(Rule):
     def groups(self, layer):
         p = layer.params
         return [Group([Term(keep_positive, with_params(p, _pos)),
-                       Term(keep_negative, with_params(p, _neg, keep_bias=False))],
+                       Term(keep_negative, _without_bias(with_params(p, _neg)))],
                       denominator=self.modify_denominator)]
 
 
@@ -117,7 +124,7 @@ class AlphaBetaRule(Rule):
     def groups(self, layer):
         p = layer.params
         w_pos, w_neg = with_params(p, _pos), with_params(p, _neg)
-        w_pos_nb, w_neg_nb = with_params(p, _pos, keep_bias=False), with_params(p, _neg, keep_bias=False)
+        w_pos_nb, w_neg_nb = _without_bias(w_pos), _without_bias(w_neg)
         groups = [Group([Term(keep_positive, w_pos), Term(keep_negative, w_neg_nb)],
                         denominator=self.modify_denominator, coef=self.alpha)]
         if self.beta != 0:
@@ -160,8 +167,7 @@ class GeneralizedGammaRule(Rule):
         p, g = layer.params, self.gamma
         plus = with_params(p, _gamma(g, _pos))
         minus = with_params(p, _gamma(g, _neg))
-        plus_nb = with_params(p, _gamma(g, _pos), keep_bias=False)
-        minus_nb = with_params(p, _gamma(g, _neg), keep_bias=False)
+        plus_nb, minus_nb = _without_bias(plus), _without_bias(minus)
         return [Group([Term(keep_positive, plus), Term(keep_negative, minus_nb)],
                       denominator=self.modify_denominator, mask="positive"),
                 Group([Term(keep_positive, minus), Term(keep_negative, plus_nb)],
