@@ -348,3 +348,42 @@ def test_canonize_is_idempotent():
     assert _ops(once) == _ops(twice) == ["Conv", "Relu", "Flatten", "Gemm"]
     x = rng.normal(size=(2, 2, 3, 3)).astype(F32)
     np.testing.assert_allclose(ort_run(twice, {"x": x})[0], ort_run(once, {"x": x})[0], rtol=1e-6)
+
+
+def _decomposed_layernorm_model(rng, square_op="Pow"):
+    """x -> Gemm -> (y - mean(y)) / sqrt(mean((y - mean(y))^2) + eps) * g + b -> Relu -> Gemm, as PyTorch's
+    exporter spells nn.LayerNorm below opset 17."""
+    square = (helper.make_node("Pow", ["d", "two"], ["sq"]) if square_op == "Pow"
+              else helper.make_node("Mul", ["d", "d"], ["sq"]))
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["y"], transB=1),
+             helper.make_node("ReduceMean", ["y"], ["m"], axes=[-1]),
+             helper.make_node("Sub", ["y", "m"], ["d"]), square,
+             helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["s"]),
+             helper.make_node("Add", ["s", "b"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2"], ["z"], transB=1)]
+    inits = [init("W1", rng.normal(size=(6, 4))), init("b1", rng.normal(size=6)), init("two", np.float32(2)),
+             init("eps", np.float32(1e-5)), init("g", rng.uniform(0.5, 1.5, 6)), init("b", rng.normal(size=6) * 0.1),
+             init("W2", rng.normal(size=(3, 6)))]
+    return make_model(nodes, [("x", [None, 4])], ["z"], inits, opset=13)
+
+
+@pytest.mark.parametrize("square_op", ["Pow", "Mul"])
+def test_decomposed_layernorm_becomes_one_layernorm_and_scale(square_op):
+    rng = np.random.default_rng(19)
+    model = _decomposed_layernorm_model(rng, square_op)
+    x = rng.normal(size=(5, 4)).astype(F32)
+    assert _canonized_ops_and_check(model, x) == ["Gemm", "LayerNormalization", "Mul", "Add", "Relu", "Gemm"]
+    lrp = make_lrp(model, onnxlrp.EpsilonPlus())
+    assert [type(r).__name__ for r in lrp.rules] == ["EpsilonRule", "LayerNormRule", "EpsilonRule", "PassRule",
+                                                      "EpsilonRule"]
+    # Same relevance as the model written with the LayerNormalization op itself (opset 17).
+    inits = {t.name: t for t in model.graph.initializer}
+    native = make_model(
+        [helper.make_node("Gemm", ["x", "W1", "b1"], ["y"], transB=1),
+         helper.make_node("LayerNormalization", ["y", "g", "b"], ["a"], axis=-1, epsilon=1e-5),
+         helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Gemm", ["r", "W2"], ["z"], transB=1)],
+        [("x", [None, 4])], ["z"], [inits[n] for n in ("W1", "b1", "g", "b", "W2")], opset=17)
+    expected = make_lrp(native, onnxlrp.EpsilonPlus()).analyze(x).val
+    np.testing.assert_allclose(lrp.analyze(x).val, expected, rtol=1e-4, atol=1e-6)
