@@ -7,6 +7,7 @@ from .api import LRP_CONFIG, canonize, flatten_model, lrp_rules, show_layer_indi
 from .composite import (Composite, EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus,
                         EpsilonPlusFlat, FirstLayerMap, FirstLayerTypeMap, FirstNTypeMap, GlobalMap, GlobalTypeMap,
                         LastLayerMap, LastLayerTypeMap, LayerMap, PRESETS, RangeMap, RangeTypeMap)
+from .crp import CRP, IndexedFeatures, TopNFeatures
 from .errors import DeviceError, InputError, LRPError, ModelLoadError, RuleCompatibilityError, UnsupportedModelError
 from .explanation import Explanation
 # The module is named heatmaps so that onnxlrp.heatmap is the function.
@@ -18,7 +19,7 @@ from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, Generalized
 __version__ = "0.1.0"
 
 __all__ = [
-    "LRP", "analyze", "Explanation", "canonize", "strip_softmax", "flatten_model", "show_layer_indices",
+    "LRP", "analyze", "Explanation", "CRP", "TopNFeatures", "IndexedFeatures", "canonize", "strip_softmax", "flatten_model", "show_layer_indices",
     "lrp_rules", "LRP_CONFIG", "Composite", "LayerMap", "GlobalMap", "RangeMap", "FirstLayerMap", "LastLayerMap",
     "GlobalTypeMap", "RangeTypeMap", "FirstLayerTypeMap", "LastLayerTypeMap", "FirstNTypeMap", "PRESETS",
     "EpsilonGammaBox", "EpsilonPlus", "EpsilonAlpha2Beta1", "EpsilonPlusFlat", "EpsilonAlpha2Beta1Flat",

@@ -91,9 +91,10 @@ class LRP:
         raise TypeError(f"expected a Composite, a rule or a list of rules, got {type(spec).__name__}")
 
     # -- emission ---------------------------------------------------------------------------------------
-    def _build(self, feature_shape):
-        if feature_shape in self._built:
-            return self._built[feature_shape]
+    def _build(self, feature_shape, concept_layer=None):
+        key = feature_shape if concept_layer is None else (feature_shape, concept_layer)
+        if key in self._built:
+            return self._built[key]
         graph = self._canonical.copy()
         x = next(t for t in graph.inputs if t.name == self.data_input)
         if tuple(x.shape[1:]) != feature_shape:
@@ -109,12 +110,13 @@ class LRP:
         doc = GRAPH_DOC.format(x=self.data_input, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
                                yshape=_fmt_shape(self.output_shape or ("?",)), rules=self.rules_listing())
         model = emit_relevance_model(graph, layers, self.rules, self.data_input, self.opset,
-                                     layer_relevances=self.layer_relevances, doc=doc)
+                                     layer_relevances=self.layer_relevances, doc=doc,
+                                     concept_layer=concept_layer)
         session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
                                cuda_options=self.cuda_options)
         del model  # the graph keeps the arrays; relevance_model exports it again on demand
-        self._built[feature_shape] = ((graph, doc), session)
-        return self._built[feature_shape]
+        self._built[key] = ((graph, doc), session)
+        return self._built[key]
 
     def _export(self, built):
         graph, doc = built[0]
@@ -183,6 +185,18 @@ class LRP:
         """
         x = self._check_input(x)
         _, session = self._build(tuple(x.shape[1:]))
+        feeds = self._feeds(x, output_selection, inputs)
+        names = [o.name for o in session.get_outputs()]
+        results = self._run_bound(session, feeds, names, keep_on_device)
+        extras = {}
+        layer_keys = [k for k in names if k.startswith("relevance_layer_")]
+        if layer_keys:
+            extras["layerwise_relevances"] = {int(k.rsplit("_", 1)[1]): results[k] for k in layer_keys}
+        return Explanation(val=results[RELEVANCE], output=results[OUTPUT],
+                           output_selection=results[SELECTION_USED], analyzer="LRP", heatmap="attribution",
+                           extras=extras)
+
+    def _feeds(self, x, output_selection, inputs):
         y_shape = self.output_shape
         n_out = int(np.prod(y_shape[1:])) if y_shape and all(isinstance(d, int) for d in y_shape[1:]) else None
         sel = self._selection(output_selection, x.shape[0], n_out)
@@ -193,15 +207,7 @@ class LRP:
                 raise InputError(f"{self.source}: the model has another input '{name}'; pass its value with "
                                  f"analyze(..., inputs={{'{name}': array}})")
             feeds[name] = inputs[name]
-        names = [o.name for o in session.get_outputs()]
-        results = self._run_bound(session, feeds, names, keep_on_device)
-        extras = {}
-        layer_keys = [k for k in names if k.startswith("relevance_layer_")]
-        if layer_keys:
-            extras["layerwise_relevances"] = {int(k.rsplit("_", 1)[1]): results[k] for k in layer_keys}
-        return Explanation(val=results[RELEVANCE], output=results[OUTPUT],
-                           output_selection=results[SELECTION_USED], analyzer="LRP", heatmap="attribution",
-                           extras=extras)
+        return feeds
 
     @staticmethod
     def _run_bound(session, feeds, names, keep_on_device):

@@ -24,6 +24,8 @@ RELEVANCE = "relevance"
 SELECTION = "output_selection"
 SELECTION_USED = "output_selection_used"
 NORMALIZE = "normalize_output_relevance"
+CONCEPT_MASK = "concept_mask"
+CONCEPT_RELEVANCE = "concept_relevance"
 
 
 class Builder:
@@ -157,10 +159,14 @@ def _opset_ir_version(opset: int) -> int:
 
 
 def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset: int,
-                         layer_relevances=False, doc=""):
-    """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place) and export it."""
+                         layer_relevances=False, doc="", concept_layer=None):
+    """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place) and export it.
+
+    With ``concept_layer`` (CRP), the relevance arriving at that layer's output is also an output
+    (``concept_relevance``) and is multiplied by the input ``concept_mask`` (N, features) before it goes on.
+    """
     x = next(t for t in graph.inputs if t.name == data_input)
-    reserved = {OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, NORMALIZE}
+    reserved = {OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, NORMALIZE, CONCEPT_MASK, CONCEPT_RELEVANCE}
     for name, tensor in graph.tensors().items():
         if name in reserved or name.startswith("relevance_layer_"):
             if tensor in graph.inputs:
@@ -190,6 +196,8 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
     value = b.op("Where", [normalize, b.const(np.asarray(1, dtype=dtype)), flat_y])
     seed = b.op("Reshape", [b.op("Mul", [onehot, value]), b.op("Shape", [y])])
 
+    concept_mask = gs.Variable(CONCEPT_MASK, dtype=dtype, shape=["batch", "features"])
+    concept = None
     relevance = defaultdict(list)
     relevance[y.name].append(seed)
     per_layer = {}
@@ -199,6 +207,12 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
             continue
         if layer_relevances:
             per_layer[layer.index] = r_out[0]
+        if layer.index == concept_layer:
+            concept = r_out[0]
+            rank = len(ctx.shape(layer.outputs[0]))
+            features = ctx.shape(layer.outputs[0])[1]
+            mask = b.op("Reshape", [concept_mask, b.i64([0, features] + [1] * (rank - 2))])
+            r_out = [b.op("Mul", [concept, mask])] + r_out[1:]
         r_in = rule.emit(ctx, layer, r_out)
         for tensor, r in zip(layer.inputs, r_in):
             if r is not None:
@@ -213,12 +227,20 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
         out = gs.Variable(name, dtype=dt, shape=shape)
         graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[var], outputs=[out]))
         outputs.append(out)
+    if concept_layer is not None:
+        if concept is None:
+            raise ValueError(f"no relevance reaches layer {concept_layer}")
+        out = gs.Variable(CONCEPT_RELEVANCE, dtype=dtype, shape=None)
+        graph.nodes.append(gs.Node("Identity", name="lrp/concept", inputs=[concept], outputs=[out]))
+        outputs.append(out)
     for index in sorted(per_layer):
         out = gs.Variable(f"relevance_layer_{index}", dtype=dtype, shape=None)
         graph.nodes.append(gs.Node("Identity", name=f"lrp/layer_{index}", inputs=[per_layer[index]], outputs=[out]))
         outputs.append(out)
 
     graph.inputs = [x] + [t for t in graph.inputs if t is not x and isinstance(t, gs.Variable)] + [selection, normalize]
+    if concept_layer is not None:
+        graph.inputs.append(concept_mask)
     graph.outputs = outputs
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return export_relevance_model(graph, opset, doc)
