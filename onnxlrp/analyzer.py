@@ -69,6 +69,7 @@ class LRP:
         y = loaded.graph.outputs[0]
         self.output_shape = tuple(y.shape) if y.shape is not None else None
         self._built = {}
+        self._built_concepts = {}
         if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
             self._build(tuple(self.input_shape[1:]))
 
@@ -92,9 +93,11 @@ class LRP:
 
     # -- emission ---------------------------------------------------------------------------------------
     def _build(self, feature_shape, concept_layer=None):
+        # CRP graphs (with a concept mask) are kept apart: relevance_model/save mean the plain graph.
+        built = self._built if concept_layer is None else self._built_concepts
         key = feature_shape if concept_layer is None else (feature_shape, concept_layer)
-        if key in self._built:
-            return self._built[key]
+        if key in built:
+            return built[key]
         graph = self._canonical.copy()
         x = next(t for t in graph.inputs if t.name == self.data_input)
         if tuple(x.shape[1:]) != feature_shape:
@@ -115,8 +118,8 @@ class LRP:
         session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
                                cuda_options=self.cuda_options)
         del model  # the graph keeps the arrays; relevance_model exports it again on demand
-        self._built[key] = ((graph, doc), session)
-        return self._built[key]
+        built[key] = ((graph, doc), session)
+        return built[key]
 
     def _export(self, built):
         graph, doc = built[0]
