@@ -6,7 +6,7 @@
 * ``resnet50``: torchvision's ResNet50 structure -- 7x7/2 stem conv + BN + ReLU, 3x3/2 maxpool
   (padding 1), bottleneck blocks [3, 4, 6, 3] (stride on the 3x3 conv, 1x1-conv+BN downsample),
   global average pool, fc 2048-1000.  The residual add is a plain ``+`` (ONNX ``Add``);
-  :class:`ResidualSumCanonizer` routes it through ``zennit.layer.Sum`` for Zennit.
+  :func:`residual_sum_canonizer` routes it through ``zennit.layer.Sum`` for Zennit.
 
 Weights: Kaiming-normal conv/linear weights, U(-0.1, 0.1) biases, every BatchNorm with
 non-trivial running statistics and affine parameters.  ``build_model(name)`` is deterministic
@@ -183,22 +183,6 @@ def _residual_forward(self, x):
 
 
 def residual_sum_canonizer():
-    """A zennit canonizer routing each Bottleneck's residual add through ``zennit.layer.Sum``
-    (like zennit.torchvision.ResNetBottleneckCanonizer, which only matches torchvision's class)."""
-    from zennit.canonizers import AttributeCanonizer
-    from zennit.layer import Sum
-
-    class ResidualSumCanonizer(AttributeCanonizer):
-        def __init__(self):
-            super().__init__(self._attribute_map)
-
-        @staticmethod
-        def _attribute_map(name, module):
-            if isinstance(module, Bottleneck):
-                return {"forward": _residual_forward.__get__(module), "canonizer_sum": Sum()}
-            return None
-
-        def copy(self):
-            return ResidualSumCanonizer()
-
-    return ResidualSumCanonizer()
+    """Routes each Bottleneck's residual add through ``zennit.layer.Sum`` (see scripts/zennit_compat.py)."""
+    from zennit_compat import residual_sum_canonizer as canonizer
+    return canonizer(Bottleneck, _residual_forward)

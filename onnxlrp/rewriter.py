@@ -129,8 +129,8 @@ class EmitContext:
                 r = b.op("Mul", [r, mask.var])
             denominator = group.denominator(self.sym(z, z_orig))
             s = b.op("Div", [r, denominator.var])
-            for term, inputs in terms:
-                grads = emitter.backward(self, layer, s, term.params)
+            all_grads = emitter.backward_terms(self, layer, s, [term.params for term, _ in terms])
+            for (term, inputs), grads in zip(terms, all_grads):
                 factor = term.sign * group.coef
                 for i, (inp, g) in enumerate(zip(inputs, grads)):
                     if g is None:

@@ -98,10 +98,10 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from zennit_compat import import_zennit  # noqa: E402
+from zennit_compat import import_zennit, residual_sum_canonizer  # noqa: E402
 
 zennit = import_zennit()
-from zennit.canonizers import AttributeCanonizer, SequentialMergeBatchNorm  # noqa: E402
+from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
 from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite  # noqa: E402
 from zennit.core import BasicHook, Stabilizer  # noqa: E402
 from zennit.layer import Sum  # noqa: E402
@@ -177,7 +177,7 @@ class VGG(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block; the residual add is a plain ``+`` (exports as ONNX ``Add``).
 
-    For the Zennit reference, :class:`ResidualSumCanonizer` temporarily replaces
+    For the Zennit reference, ``residual_sum_canonizer`` (zennit_compat.py) temporarily replaces
     ``forward`` by a version routing the add through ``zennit.layer.Sum`` (Norm rule).
     Module registration order == forward order of the leaves (needed by
     SequentialMergeBatchNorm): conv1, bn1, relu1, conv2, bn2, [downsample conv, bn], relu2.
@@ -404,24 +404,8 @@ def _residual_forward(self, x):
     return self.relu2(out)
 
 
-class ResidualSumCanonizer(AttributeCanonizer):
-    """Like zennit.torchvision.ResNetBasicBlockCanonizer, but for our BasicBlock class."""
-
-    def __init__(self):
-        super().__init__(self._attribute_map)
-
-    @staticmethod
-    def _attribute_map(name, module):
-        if isinstance(module, BasicBlock):
-            return {"forward": _residual_forward.__get__(module), "canonizer_sum": Sum()}
-        return None
-
-    def copy(self):
-        return ResidualSumCanonizer()
-
-
 def make_canonizers():
-    return [ExactSequentialMergeBatchNorm(), ResidualSumCanonizer()]
+    return [ExactSequentialMergeBatchNorm(), residual_sum_canonizer(BasicBlock, _residual_forward)]
 
 
 def _base_layer_map(norm_stab=NORM_STAB):

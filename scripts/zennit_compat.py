@@ -28,7 +28,7 @@ import importlib.machinery
 import sys
 import types
 
-__all__ = ["import_zennit", "install_torchvision_stub"]
+__all__ = ["import_zennit", "install_torchvision_stub", "residual_sum_canonizer"]
 
 _STUB_MARKER = "__onnxlrp_torchvision_stub__"
 
@@ -97,3 +97,28 @@ def import_zennit():
     if not _torchvision_importable():
         install_torchvision_stub()
     return importlib.import_module("zennit")
+
+
+def residual_sum_canonizer(block_types, forward):
+    """A zennit canonizer for residual blocks of ``block_types``: each gets a ``canonizer_sum``
+    (``zennit.layer.Sum``, which composites can give the Norm rule) and ``forward`` as its forward,
+    which must route the residual add through ``self.canonizer_sum`` (as zennit's torchvision ResNet
+    canonizers do, for blocks that are not torchvision's classes)."""
+    import_zennit()
+    from zennit.canonizers import AttributeCanonizer
+    from zennit.layer import Sum
+
+    class ResidualSumCanonizer(AttributeCanonizer):
+        def __init__(self):
+            super().__init__(self._attribute_map)
+
+        @staticmethod
+        def _attribute_map(name, module):
+            if isinstance(module, block_types):
+                return {"forward": forward.__get__(module), "canonizer_sum": Sum()}
+            return None
+
+        def copy(self):
+            return ResidualSumCanonizer()
+
+    return ResidualSumCanonizer()

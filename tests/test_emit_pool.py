@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from onnx import helper
 
+import onnxlrp
+
 from .helpers import (F32, affine_jacobian, check_adjoint, check_grad_times_input, explain, forward, init,
                       make_lrp, make_model, maxpool_jacobian, np_avgpool, np_maxpool, same_pads, stab)
 
@@ -244,3 +246,20 @@ def test_ceil_mode_pools_with_dynamic_spatial_size():
         np.testing.assert_allclose(e.output, forward(model, x), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(e.val.reshape(2, -1).sum(axis=1), 1.0, rtol=1e-4)
         assert np.all(e.val[0, 1] == 0) and np.all(e.val[1, 0] == 0)
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 0, 0], [0, 0, 1, 1]])
+def test_maxpool_ties_go_to_the_first_maximum(pads):
+    """Tiling pools (kernel == stride, no pads) find winners with ArgMax, padded ones through MaxPool's
+    Indices: both give a tied window's relevance to its first maximum, as MaxPool itself picks it."""
+    x = np.array([[[[5, 5, 1, 2], [1, 0, 7, 7], [3, 3, 3, 3], [0, 3, 3, 0]]]], dtype=np.float32)
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=pads),
+             helper.make_node("Flatten", ["p"], ["z"])]
+    model = make_model(nodes, [("x", [None, 1, 4, 4])], ["z"])
+    lrp = make_lrp(model, [onnxlrp.ZeroRule(), onnxlrp.PassRule()])
+    first = {0: (0, 0), 1: (1, 2), 2: (2, 0), 3: (2, 2)}  # window -> first maximum (row-major)
+    for window, (i, j) in first.items():
+        r = lrp.analyze(x, output_selection=window).val[0, 0]
+        expected = np.zeros((4, 4), np.float32)
+        expected[i, j] = 1.0
+        np.testing.assert_allclose(r, expected, atol=1e-6)

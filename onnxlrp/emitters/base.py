@@ -54,6 +54,11 @@ class Emitter:
     def backward(self, ctx, layer, s, params):
         raise NotImplementedError(f"{type(self).__name__} has no transpose for {layer.op_type}")
 
+    def backward_terms(self, ctx, layer, s, params_list):
+        """Transposes of several parameter sets applied to the same cotangent (a rule's terms); emitters
+        may batch them into one op."""
+        return [self.backward(ctx, layer, s, params) for params in params_list]
+
     def pass_through(self, ctx, layer, relevance_out):
         """Default: elementwise layers pass relevance through as it is."""
         return [relevance_out[0]] + [None] * (len(layer.inputs) - 1)

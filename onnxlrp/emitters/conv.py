@@ -74,6 +74,21 @@ class ConvEmitter(WeightBiasEmitter):
         return ctx.b.op("Conv", self.operands(ctx, xs[0].var, params), attrs={"strides": strides, "dilations": dilations, "pads": begin + end,
                                                "group": layer.node.attrs.get("group", 1)})
 
+    def backward_terms(self, ctx, layer, s, params_list):
+        """Several weight sets on one cotangent (ZBox, ZPlus, AlphaBeta) as one convolution with their
+        output channels stacked, then split: one pass over s instead of one per term."""
+        group = layer.node.attrs.get("group", 1)
+        if len(params_list) < 2 or group != 1 or any(p is None for p in params_list):
+            return super().backward_terms(ctx, layer, s, params_list)
+        stacked = Params(np.concatenate([p.weight for p in params_list], axis=self.stack_axis))
+        channels = [p.weight.shape[self.stack_axis] for p in params_list]
+        grad = self.backward(ctx, layer, s, stacked)[0]
+        parts = ctx.b.op("Split", [grad, ctx.b.i64(channels)], attrs={"axis": 1}, outputs=len(channels))
+        return [[part] for part in parts]
+
+    #: the weight axis that indexes the layer's input channels (the transpose's output channels)
+    stack_axis = 1
+
     def backward(self, ctx, layer, s, params):
         x_shape, y_shape, kernel, strides, dilations, begin, end = self.geometry(ctx, layer)
         group = layer.node.attrs.get("group", 1)
@@ -106,6 +121,7 @@ class ConvEmitter(WeightBiasEmitter):
 @register
 class ConvTransposeEmitter(ConvEmitter):
     op_types = ("ConvTranspose",)
+    stack_axis = 0  # its transpose is a Conv whose output channels are the weight's first axis
 
     def geometry(self, ctx, layer):
         # Roles swap: the layer's output is the transpose's "input" side.

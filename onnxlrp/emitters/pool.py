@@ -25,11 +25,32 @@ class MaxPoolEmitter(Emitter):
             return "storage_order=1 (column-major indices) is not supported"
         return None
 
+    @staticmethod
+    def tiling(ctx, layer):
+        """(kh, kw) when the 2-D pool tiles its input exactly (kernel == stride, no padding or dilation,
+        no ceil_mode remainder), else None. Such pools keep onnxruntime's fast MaxPool (asking for the
+        Indices output forces a generic kernel 20x slower) and find winners with ArgMax per window."""
+        node = layer.node
+        x_shape = ctx.shape(layer.inputs[0])
+        kernel = list(node.attrs.get("kernel_shape", []))
+        if len(x_shape) != 4 or len(kernel) != 2 or len(node.outputs) > 1 and node.outputs[1].outputs:
+            return None
+        if list(node.attrs.get("strides", [1, 1])) != kernel or any(node.attrs.get("pads", [0] * 4)) \
+                or any(d != 1 for d in node.attrs.get("dilations", [1, 1])) \
+                or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+            return None
+        if any(not isinstance(n, int) or n % k for n, k in zip(x_shape[2:], kernel)):
+            return None
+        return tuple(kernel)
+
     def prepare(self, ctx, layer):
         node = layer.node
         if node.op == "GlobalMaxPool":  # a MaxPool over the whole (static) spatial extent
             node.op = "MaxPool"
             node.attrs = {"kernel_shape": list(ctx.shape(layer.inputs[0])[2:])}
+        layer.extra["tiling"] = self.tiling(ctx, layer)
+        if layer.extra["tiling"] is not None:
+            return
         if len(node.outputs) < 2 or not node.outputs[1].name:
             indices = ctx.b.variable("maxpool_indices", np.int64)
             node.outputs = [node.outputs[0], indices]
@@ -39,6 +60,8 @@ class MaxPoolEmitter(Emitter):
         return ctx.b.op("MaxPool", [xs[0].var], attrs=dict(layer.node.attrs))
 
     def backward(self, ctx, layer, s, params):
+        if layer.extra.get("tiling") is not None:
+            return [self._tiled_backward(ctx, layer, s)]
         b = ctx.b
         x = layer.inputs[0]
         flat = b.i64([-1])
@@ -48,6 +71,26 @@ class MaxPoolEmitter(Emitter):
         upd = b.op("Reshape", [s, flat])
         grad = b.op("ScatterElements", [zeros, idx, upd], attrs={"axis": 0, "reduction": "add"})
         return [b.op("Reshape", [grad, b.op("Shape", [x])])]
+
+
+    @staticmethod
+    def _tiled_backward(ctx, layer, s):
+        """Each window's cotangent goes to its first maximum (MaxPool's own tie-break): windows become a
+        trailing axis, ArgMax picks the winner, a one-hot places s there, and the windows go back."""
+        b = ctx.b
+        kh, kw = layer.extra["tiling"]
+        _, c, h, w = ctx.shape(layer.inputs[0])
+        ho, wo = h // kh, w // kw
+        windows = b.op("Reshape", [layer.inputs[0], b.i64([-1, c, ho, kh, wo, kw])])
+        windows = b.op("Transpose", [windows], attrs={"perm": [0, 1, 2, 4, 3, 5]})
+        windows = b.op("Reshape", [windows, b.i64([-1, c, ho, wo, kh * kw])])
+        winner = b.op("ArgMax", [windows], attrs={"axis": -1, "keepdims": 1})
+        # Equal + Cast: onnxruntime's OneHot is 2.5x slower here (and has no float64 values).
+        onehot = b.op("Cast", [b.op("Equal", [b.i64(np.arange(kh * kw)), winner])], attrs={"to": b.onnx_dtype})
+        spread = b.op("Mul", [onehot, b.op("Unsqueeze", [s, b.i64([-1])])])
+        spread = b.op("Reshape", [spread, b.i64([-1, c, ho, wo, kh, kw])])
+        spread = b.op("Transpose", [spread], attrs={"perm": [0, 1, 2, 4, 3, 5]})
+        return b.op("Reshape", [spread, b.i64([-1, c, h, w])])
 
 
 def _window_counts(size, out, k, s, d, pb, pe):
