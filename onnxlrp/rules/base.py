@@ -106,7 +106,9 @@ class Rule:
         return ctx.emit_terms(layer, self.groups(layer), relevance_out)
 
     def __repr__(self):
-        fields = getattr(self, "__dataclass_fields__", {})
+        fields = getattr(self, "__dataclass_fields__", None)
+        if fields is None:  # a user's rule with a plain __init__: show its public attributes
+            fields = [k for k in vars(self) if not k.startswith("_")]
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in fields)
         return f"{type(self).__name__}({args})"
 
