@@ -29,15 +29,3 @@ def const_value(tensor):
 
 def producer(tensor):
     return tensor.inputs[0] if len(tensor.inputs) else None
-
-
-def static_shape(tensor):
-    """Tuple of ints when every dimension is known, else None."""
-    shape = getattr(tensor, "shape", None)
-    if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
-def node_label(node) -> str:
-    return f"node '{node.name}' ({node.op})" if node.name else f"a {node.op} node"

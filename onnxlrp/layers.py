@@ -35,10 +35,6 @@ class Layer:
     def linear(self) -> bool:
         return bool(self.emitter.linear)
 
-    @property
-    def has_params(self) -> bool:
-        return self.params is not None
-
     def shape_str(self) -> str:
         def fmt(t):
             return "(" + ", ".join(str(d) for d in (t.shape or [])) + ")" if t.shape is not None else "?"

@@ -106,8 +106,6 @@ class ConvEmitter(WeightBiasEmitter):
         return [grad]
 
     # -- used by canonization: fold a per-output-channel affine map into weight and bias --------------
-    out_axis = 0
-
     def fold_affine(self, weight, bias, scale, shift, node):
         shape = [-1] + [1] * (weight.ndim - 1)
         new_w = weight * scale.reshape(shape).astype(weight.dtype)

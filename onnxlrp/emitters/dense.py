@@ -13,8 +13,6 @@ class GemmEmitter(WeightBiasEmitter):
     """y = x W^T + b with W of shape (out, in), the layout canonization leaves every Gemm in."""
     op_types = ("Gemm",)
     group = "DenseLayer"
-    out_axis = 0
-
     def layout_reason(self, node):
         a = node.attrs
         if a.get("transA", 0) or not a.get("transB", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:

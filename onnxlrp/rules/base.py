@@ -13,7 +13,7 @@ ZBox and GeneralizedGamma list more terms.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -124,4 +124,4 @@ def with_params(params: Optional[Params], weight_fn, keep_bias=True, bias_fn=Non
     return None if params is None else params.map(weight_fn, bias_fn=bias_fn, keep_bias=keep_bias)
 
 
-__all__ = ["Params", "Term", "Group", "Rule", "with_params", "replace"]
+__all__ = ["Params", "Term", "Group", "Rule", "with_params"]
