@@ -419,3 +419,23 @@ def test_show_layer_indices_and_lrp_rules_on_a_path(tmp_path):
     assert [l.op_type for l in layers] == ["Gemm"] and "Gemm" in buf.getvalue()
     assert onnxlrp.lrp_rules(str(path)) == [onnxlrp.ZeroRule()]
     assert ort_run(onnxlrp.canonize(str(path)), {"x": np.ones((1, 40), F32)})[0].shape == (1, 3)
+
+
+def test_nhwc_input_as_tf2onnx_writes_it():
+    """tf2onnx-style graphs take NHWC input and transpose it for the Conv: the relevance comes back in
+    NHWC and equals the NCHW model's relevance transposed."""
+    rng = np.random.default_rng(31)
+    w = rng.normal(size=(4, 3, 3, 3))
+    v = rng.normal(size=(5, 4))
+    tail = [helper.make_node("Conv", ["xc", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("Gemm", ["f", "V"], ["z"], transB=1)]
+    inits = [init("W", w), init("V", v)]
+    nhwc = make_model([helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 3, 1, 2])] + tail,
+                      [("x", [None, 6, 6, 3])], ["z"], inits)
+    nchw = make_model([helper.make_node("Identity", ["x"], ["xc"])] + tail, [("x", [None, 3, 6, 6])], ["z"], inits)
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    got = onnxlrp.LRP(nhwc, onnxlrp.EpsilonGammaBox(-3.0, 3.0), verbose=False).analyze(x).val
+    want = onnxlrp.LRP(nchw, onnxlrp.EpsilonGammaBox(-3.0, 3.0), verbose=False).analyze(x.transpose(0, 3, 1, 2)).val
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-7)
