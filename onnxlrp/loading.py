@@ -15,6 +15,7 @@ import onnx
 import onnx.inliner
 import onnx.version_converter
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from ._onnx_utils import EMIT_IR_VERSION, MIN_EMIT_OPSET, default_opset
@@ -260,6 +261,8 @@ def load_model(model, input_name: str | None = None) -> LoadedModel:
     old_batch = _symbolic_batch(graph, data_input)
     _fix_batch_reshapes(graph, old_batch)
     graph = _infer_shapes(graph, source)
+    # Folding evaluates constant subgraphs with onnxruntime, whose optimizer warns about nodes it keeps.
+    ort.set_default_logger_severity(3)
     try:
         graph.fold_constants(error_ok=False)
     except Exception as exc:

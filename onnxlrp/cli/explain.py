@@ -483,6 +483,8 @@ def explain(model, inputs, output_selection, labels, out, force, save_npy, as_js
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--colormap") from None
 
+    if not os.path.isfile(model):  # the model first: its error is the one a user expects to read
+        raise CLIError(f"{model}: no such file" if not os.path.exists(model) else f"{model}: is not a file")
     found = collect_inputs(inputs)
     label_names = load_labels(labels) if labels else None
     # verbose=False: the device is named in the closing line instead of a notice before any error
