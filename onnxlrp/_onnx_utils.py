@@ -29,3 +29,22 @@ def const_value(tensor):
 
 def producer(tensor):
     return tensor.inputs[0] if len(tensor.inputs) else None
+
+
+def opset_ir_version(opset: int) -> int:
+    """The lowest IR version that carries ``opset`` (onnxruntime refuses IR versions it does not know)."""
+    for _, ir_version, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            return max(ir_version, EMIT_IR_VERSION)
+    return EMIT_IR_VERSION
+
+
+def export_model(graph: gs.Graph, opset: int, doc: str = "") -> onnx.ModelProto:
+    """A gs graph as a ModelProto of one default-domain ``opset`` and an IR version onnxruntime accepts."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = opset_ir_version(opset)
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.producer_name = "onnxlrp"
+    model.doc_string = doc
+    return model

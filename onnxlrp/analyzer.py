@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
-
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .canonize import canonize_graph
@@ -14,7 +11,7 @@ from .composite import Composite, GlobalMap, check_compatible, default_rules
 from .errors import InputError, LRPError
 from .explanation import Explanation
 from .layers import build_layers
-from .loading import BATCH_DIM, _infer_shapes, load_model
+from .loading import BATCH_DIM, _infer_shapes, clear_inferred_shapes, load_model
 from .rewriter import (NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model,
                        export_relevance_model)
 from .rules import Rule
@@ -102,9 +99,7 @@ class LRP:
         x = next(t for t in graph.inputs if t.name == self.data_input)
         if tuple(x.shape[1:]) != feature_shape:
             x.shape = [BATCH_DIM] + list(feature_shape)
-            for t in graph.tensors().values():
-                if isinstance(t, gs.Variable) and t not in graph.inputs:
-                    t.shape = None
+            clear_inferred_shapes(graph)
             graph = _infer_shapes(graph, self.source)
         layers = build_layers(graph, self.data_input, strict=not self.skip_checks)
         if len(layers) != len(self.layers):

@@ -6,8 +6,8 @@ import sys
 
 import onnx
 import onnx.inliner
-import onnx_graphsurgeon as gs
 
+from ._onnx_utils import export_model
 from .canonize import canonize_graph, strip_softmax_outputs
 from .composite import Composite, default_rules
 from .emitters import EMITTERS, Emitter
@@ -15,26 +15,19 @@ from .layers import build_layers
 from .loading import load_model
 
 
-def _export(graph, opset):
-    model = gs.export_onnx(graph, do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.append(onnx.helper.make_opsetid("", opset))
-    return model
-
-
 def canonize(model) -> onnx.ModelProto:
     """Load, canonize (fuse BatchNorm, split LayerNorm, strip output softmax, drop Dropout/Identity) and
     return the canonized ModelProto."""
     loaded = load_model(model)
     canonize_graph(loaded.graph)
-    return _export(loaded.graph, loaded.opset)
+    return export_model(loaded.graph, loaded.opset)
 
 
 def strip_softmax(model) -> onnx.ModelProto:
     """Remove Softmax/LogSoftmax nodes that produce graph outputs (never ones inside the graph)."""
     loaded = load_model(model)
     strip_softmax_outputs(loaded.graph)
-    return _export(loaded.graph, loaded.opset)
+    return export_model(loaded.graph, loaded.opset)
 
 
 def flatten_model(model) -> onnx.ModelProto:

@@ -82,7 +82,8 @@ class CRP:
         feeds = lrp._feeds(x, output_selection, inputs)
         channels = lrp.layers[self.layer].outputs[0].shape[1]
         feeds[CONCEPT_MASK] = np.ones((n, channels), dtype=lrp.input_dtype)
-        first = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        names = [o.name for o in session.get_outputs()]
+        first = lrp._run_bound(session, feeds, names, keep_on_device=False)
         selected = self.features(first[CONCEPT_RELEVANCE])  # (features, N)
         k = selected.shape[0]
         mask = np.zeros((k, n, channels), dtype=lrp.input_dtype)
@@ -92,7 +93,7 @@ class CRP:
                  for name, value in feeds.items() if name != CONCEPT_MASK}
         tiled[SELECTION] = np.tile(first[SELECTION_USED], k)
         tiled[CONCEPT_MASK] = mask.reshape(k * n, channels)
-        second = dict(zip([o.name for o in session.get_outputs()], session.run(None, tiled)))
+        second = lrp._run_bound(session, tiled, names, keep_on_device=False)
         return Explanation(val=second[RELEVANCE], output=first[OUTPUT], output_selection=first[SELECTION_USED],
                            analyzer="CRP", heatmap="attribution",
                            extras={"features": selected, "concept_relevance": first[CONCEPT_RELEVANCE]})

@@ -94,6 +94,14 @@ def _is_float(tensor) -> bool:
     return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
 
 
+def clear_inferred_shapes(graph: gs.Graph, keep_outputs=False) -> None:
+    """Forget the shapes of every tensor but the graph inputs (and outputs), before inferring anew."""
+    keep = list(graph.inputs) + (list(graph.outputs) if keep_outputs else [])
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor not in keep:
+            tensor.shape = None
+
+
 def _symbolic_batch(graph: gs.Graph, data_input: gs.Variable) -> int | None:
     """Make dim 0 of the data input symbolic so any batch size runs. Returns the old static batch."""
     shape = data_input.shape
@@ -104,9 +112,7 @@ def _symbolic_batch(graph: gs.Graph, data_input: gs.Variable) -> int | None:
     for out in graph.outputs:
         if out.shape:
             out.shape = [BATCH_DIM] + list(out.shape[1:])
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
-            tensor.shape = None
+    clear_inferred_shapes(graph, keep_outputs=True)
     return old
 
 
@@ -209,9 +215,7 @@ def _infer_shapes(graph: gs.Graph, source: str) -> gs.Graph:
     try:
         _infer_once(graph)
         if _explicit_ceil_mode_pools(graph):
-            for tensor in graph.tensors().values():  # infer again from scratch
-                if isinstance(tensor, gs.Variable) and tensor not in graph.inputs:
-                    tensor.shape = None
+            clear_inferred_shapes(graph)  # infer again from scratch
             _infer_once(graph)
     except Exception as exc:
         raise ModelLoadError(f"{source}: shape inference failed: {exc}") from None

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._onnx_utils import EMIT_IR_VERSION
+from ._onnx_utils import export_model
 from .rules.expr import Sym
 
 OUTPUT = "output"
@@ -150,14 +150,6 @@ def _same_params(p, q):
     return p.weight is q.weight and (p.bias is q.bias)
 
 
-def _opset_ir_version(opset: int) -> int:
-    """The lowest IR version that carries ``opset`` (onnxruntime refuses IR versions it does not know)."""
-    for _, ir_version, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
-        if ai_onnx >= opset:
-            return max(ir_version, EMIT_IR_VERSION)
-    return EMIT_IR_VERSION
-
-
 def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset: int,
                          layer_relevances=False, doc="", concept_layer=None):
     """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place) and export it.
@@ -221,22 +213,18 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
     if r_x is None:  # no path from the output to the input
         r_x = b.op("Mul", [x, b.const(np.asarray(0, dtype=dtype))])
 
-    outputs = []
-    for name, var, dt, shape in ((OUTPUT, y, dtype, y.shape), (RELEVANCE, r_x, dtype, x.shape),
-                                 (SELECTION_USED, selection_used, np.int64, ["batch"])):
+    def named_output(name, var, dt=dtype, shape=None):
         out = gs.Variable(name, dtype=dt, shape=shape)
         graph.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[var], outputs=[out]))
-        outputs.append(out)
+        return out
+
+    outputs = [named_output(OUTPUT, y, shape=y.shape), named_output(RELEVANCE, r_x, shape=x.shape),
+               named_output(SELECTION_USED, selection_used, np.int64, ["batch"])]
     if concept_layer is not None:
         if concept is None:
             raise ValueError(f"no relevance reaches layer {concept_layer}")
-        out = gs.Variable(CONCEPT_RELEVANCE, dtype=dtype, shape=None)
-        graph.nodes.append(gs.Node("Identity", name="lrp/concept", inputs=[concept], outputs=[out]))
-        outputs.append(out)
-    for index in sorted(per_layer):
-        out = gs.Variable(f"relevance_layer_{index}", dtype=dtype, shape=None)
-        graph.nodes.append(gs.Node("Identity", name=f"lrp/layer_{index}", inputs=[per_layer[index]], outputs=[out]))
-        outputs.append(out)
+        outputs.append(named_output(CONCEPT_RELEVANCE, concept))
+    outputs += [named_output(f"relevance_layer_{index}", per_layer[index]) for index in sorted(per_layer)]
 
     graph.inputs = [x] + [t for t in graph.inputs if t is not x and isinstance(t, gs.Variable)] + [selection, normalize]
     if concept_layer is not None:
@@ -247,11 +235,5 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
 
 
 def export_relevance_model(graph: gs.Graph, opset: int, doc="") -> onnx.ModelProto:
-    """The ModelProto of an emitted relevance graph, with an IR version onnxruntime accepts."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = _opset_ir_version(opset)
-    del model.opset_import[:]
-    model.opset_import.append(onnx.helper.make_opsetid("", opset))
-    model.producer_name = "onnxlrp"
-    model.doc_string = doc
-    return model
+    """The ModelProto of an emitted relevance graph."""
+    return export_model(graph, opset, doc)

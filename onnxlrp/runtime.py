@@ -18,7 +18,6 @@ def cuda_available() -> bool:
     if _cuda_works is None:
         _cuda_works = False
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            import onnx
             from onnx import TensorProto, helper
             graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_GAMMA, DEFAULT_STABILIZER, Group,
+from .base import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_GAMMA, Group,
                    Params, Rule, Term, with_params)
 from .expr import keep_negative, keep_positive, ones_like, stabilize
 
