@@ -98,6 +98,25 @@ class EmitContext:
             raise ValueError(f"tensor '{tensor.name}' has no inferred shape")
         return tuple(tensor.shape)
 
+    def reshape_like(self, var, like, var_like):
+        """Reshape ``var`` (shaped like the tensor ``var_like``) to the shape of ``like``. Where both share
+        their first (batch) axis, a static target [0, d1, ...] keeps the shape known to onnxruntime's shape
+        inference, which its NCHWc layout pass needs to keep elementwise ops between convolutions in the
+        blocked layout; Shape(like) would hide it."""
+        dims = self.shape(like)
+        if dims[0] == self.shape(var_like)[0] and dims[1:] and \
+                all(isinstance(d, (int, np.integer)) and d > 0 for d in dims[1:]):
+            return self.b.op("Reshape", [var, self.b.i64([0] + [int(d) for d in dims[1:]])])
+        return self.b.op("Reshape", [var, self.b.op("Shape", [like])])
+
+    def expand_like(self, var, like):
+        """Broadcast a batch-first ``var`` to the shape of ``like`` (a static target where possible, see
+        reshape_like)."""
+        dims = self.shape(like)
+        if dims[1:] and all(isinstance(d, (int, np.integer)) and d > 0 for d in dims[1:]):
+            return self.b.op("Expand", [var, self.b.i64([1] + [int(d) for d in dims[1:]])])
+        return self.b.op("Expand", [var, self.b.op("Shape", [like])])
+
     def sym(self, var, like):
         return Sym(self.b, var, self.shape(like)[1:])
 
@@ -135,7 +154,8 @@ class EmitContext:
                 for i, (inp, g) in enumerate(zip(inputs, grads)):
                     if g is None:
                         continue
-                    c = b.op("Mul", [inp.var, g])
+                    # a ones input (WSquare, Flat, ZBox's folded bounds) leaves the transpose as it is
+                    c = g if getattr(inp, "fill", None) == 1.0 else b.op("Mul", [inp.var, g])
                     if factor != 1.0:
                         c = b.op("Mul", [c, b.const(np.asarray(factor, dtype=b.dtype))])
                     contributions[i].append(c)
@@ -186,7 +206,7 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
     column = b.op("Unsqueeze", [selection_used, b.i64([1])])
     onehot = b.op("Cast", [b.op("Equal", [b.i64(np.arange(k)[None, :]), column])], attrs={"to": b.onnx_dtype})
     value = b.op("Where", [normalize, b.const(np.asarray(1, dtype=dtype)), flat_y])
-    seed = b.op("Reshape", [b.op("Mul", [onehot, value]), b.op("Shape", [y])])
+    seed = ctx.reshape_like(b.op("Mul", [onehot, value]), y, y)
 
     concept_mask = gs.Variable(CONCEPT_MASK, dtype=dtype, shape=["batch", "features"])
     concept = None

@@ -173,3 +173,17 @@ def test_layer_listing_of_reshapes():
     nodes, inits, opset, _ = _case("transpose_then_flatten")
     model = make_model(nodes, [("x", [None, *SHAPE])], ["z"], inits, opset=opset)
     assert layer_ops(model) == ["Transpose", "Flatten"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "vgg", "resnet", "mobilenet"])
+def test_relevance_graph_reshapes_to_static_shapes(model):
+    """With static shapes past the batch axis, no relevance reshape takes its target from a Shape node:
+    Reshape(r, Shape(x)) hides the shape from onnxruntime's shape inference, and its NCHWc layout pass
+    then moves every elementwise op between two convolutions back to NCHW (about a third more layout
+    conversions on ResNet50)."""
+    from .helpers_fixtures import fixture_path, load_reference
+
+    analyzer = onnxlrp.LRP(fixture_path(model), onnxlrp.EpsilonGammaBox(-3.0, 3.0), verbose=False)
+    analyzer.analyze(load_reference(model)["x"][:1])
+    ops = [n.op_type for n in analyzer.relevance_model.graph.node]
+    assert "Shape" not in ops, [n.name for n in analyzer.relevance_model.graph.node if n.op_type == "Shape"]

@@ -50,7 +50,7 @@ class PassFallbackEmitter(ActivationEmitter):
         r = relevance_out[0]
         if r is None:
             return [None]
-        return [ctx.b.op("Reshape", [r, ctx.b.op("Shape", [layer.inputs[0]])])]
+        return [ctx.reshape_like(r, layer.inputs[0], layer.outputs[0])]
 
 
 FALLBACK_PASS = PassFallbackEmitter()

@@ -64,13 +64,15 @@ class MaxPoolEmitter(Emitter):
             return [self._tiled_backward(ctx, layer, s)]
         b = ctx.b
         x = layer.inputs[0]
-        flat = b.i64([-1])
-        zeros = b.op("ConstantOfShape", [b.op("Shape", [b.op("Reshape", [x, flat])])],
-                     attrs={"value": gs.Constant("value", np.zeros(1, dtype=b.dtype))})
-        idx = b.op("Reshape", [layer.extra["indices"], flat])
-        upd = b.op("Reshape", [s, flat])
-        grad = b.op("ScatterElements", [zeros, idx, upd], attrs={"axis": 0, "reduction": "add"})
-        return [b.op("Reshape", [grad, b.op("Shape", [x])])]
+        x_size = int(np.prod(ctx.shape(x)[1:]))
+        y_size = int(np.prod(ctx.shape(layer.outputs[0])[1:]))
+        # Per sample: MaxPool's indices count over the whole batch, so take them modulo one sample's size;
+        # a batch-first scatter keeps the batch axis visible to shape inference (see reshape_like).
+        zeros = b.op("Mul", [b.op("Reshape", [x, b.i64([0, x_size])]), b.const(np.asarray(0, dtype=b.dtype))])
+        idx = b.op("Mod", [b.op("Reshape", [layer.extra["indices"], b.i64([0, y_size])]), b.i64(x_size)])
+        upd = b.op("Reshape", [s, b.i64([0, y_size])])
+        grad = b.op("ScatterElements", [zeros, idx, upd], attrs={"axis": 1, "reduction": "add"})
+        return [ctx.reshape_like(grad, x, x)]
 
 
     @staticmethod
@@ -147,7 +149,7 @@ class GlobalAveragePoolEmitter(Emitter):
         b = ctx.b
         x = layer.inputs[0]
         count = int(np.prod(ctx.shape(x)[2:]))
-        spread = b.op("Expand", [s, b.op("Shape", [x])])
+        spread = ctx.expand_like(s, x)
         return [b.op("Mul", [spread, b.const(np.asarray(1.0 / count, dtype=b.dtype))])]
 
 
@@ -194,5 +196,5 @@ class ReduceMeanEmitter(Emitter):
         if not layer.node.attrs.get("keepdims", 1):
             s = b.op("Unsqueeze", [s, b.i64(axes)])
         count = int(np.prod([shape[a] for a in axes]))
-        spread = b.op("Expand", [s, b.op("Shape", [x])])
+        spread = ctx.expand_like(s, x)
         return [b.op("Mul", [spread, b.const(np.asarray(1.0 / count, dtype=b.dtype))])]

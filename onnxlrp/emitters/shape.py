@@ -38,7 +38,7 @@ class ReshapeEmitter(ReshapingEmitter):
             return [None]
         if ctx.shape(layer.inputs[0]) == ctx.shape(layer.outputs[0]):
             return [r]
-        return [ctx.b.op("Reshape", [r, ctx.b.op("Shape", [layer.inputs[0]])])]
+        return [ctx.reshape_like(r, layer.inputs[0], layer.outputs[0])]
 
 
 @register
