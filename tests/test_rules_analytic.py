@@ -354,7 +354,8 @@ def test_zbox_one_dimensional_bounds_are_per_channel_even_when_channels_equal_wi
     per_channel = make_lrp(model, [ZBoxRule(low, high)]).analyze(x).val
     full = make_lrp(model, [ZBoxRule(np.broadcast_to(low[:, None, None], (3, 4, 3)),
                                      np.broadcast_to(high[:, None, None], (3, 4, 3)))]).analyze(x).val
-    np.testing.assert_array_equal(per_channel, full)
+    # Per channel, these bounds fold into the weights; as full arrays they cannot: same values, other rounding.
+    np.testing.assert_allclose(per_channel, full, rtol=1e-5, atol=1e-6 * np.abs(full).max())
 
 
 def test_generalized_gamma_by_hand():
@@ -720,3 +721,26 @@ def test_layer_indices_listing():
     text = out.getvalue()
     assert [l.op_type for l in layers] == ["Gemm", "Relu", "Gemm"]
     assert "dense0" in text and "relu0" in text and "ZeroRule()" in text and "PassRule()" in text
+
+
+@pytest.mark.parametrize("bounds", ["scalar", "per_channel", "per_element"])
+def test_zbox_folds_constant_bounds_into_one_transpose(bounds):
+    """Scalar and per-channel bounds fold into the weight (l W+ + h W-): the backward is one convolution
+    over two stacked terms (2 x 3 output channels) instead of three; per-element bounds keep three."""
+    rng = np.random.default_rng(6)
+    model, lin, b, shape = conv_layer(rng, shape=(3, 5, 5), w_shape=(4, 3, 3, 3), pads=[1, 1, 1, 1])
+    low, high = {"scalar": (-1.0, 2.0), "per_channel": (np.array([-1.0, -2.0, 0.0]), np.array([1.0, 3.0, 0.5])),
+                 "per_element": (rng.uniform(-3, -1, shape), rng.uniform(1, 3, shape))}[bounds]
+    x = rng.uniform(-1, 1, (2,) + shape).astype(F32)
+    lo_full, hi_full = (np.broadcast_to(np.reshape(v, (-1, 1, 1)) if np.ndim(v) == 1 else v, shape) for v in (low, high))
+    _check_rule(model, lin, b, shape, ZBoxRule(low, high),
+                lambda lin_, b_, a, R: ref_zbox(lin_, b_, a, R, lo_full.reshape(-1), hi_full.reshape(-1)), x, [0, 40])
+    analyzer = make_lrp(model, [ZBoxRule(low, high)])
+    analyzer.analyze(x)
+    g = analyzer.relevance_model.graph
+    inits = {t.name: t for t in g.initializer}
+    transposes = [n for n in g.node if n.name.startswith("lrp/") and n.op_type in ("Conv", "ConvTranspose")
+                  and inits.get(n.input[1]) is not None and inits[n.input[1]].dims[1 if n.op_type == "Conv" else 0] == 4]
+    assert len(transposes) == 1
+    stacked = inits[transposes[0].input[1]].dims[0 if transposes[0].op_type == "Conv" else 1]
+    assert stacked == (9 if bounds == "per_element" else 6), stacked

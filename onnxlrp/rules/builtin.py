@@ -133,6 +133,34 @@ class AlphaBetaRule(Rule):
         return groups
 
 
+def _fold_bounds(layer, low, high):
+    """Params (l W+ + h W-, b) for ZBox's two bound terms, or None where the bounds cannot be folded into
+    the weight: they must be scalars, or per-channel vectors on an ungrouped convolution (scaled along
+    its input-channel axis) or on a dense layer with a 1-D input (scaled along its input features)."""
+    p = layer.params
+    if p is None:
+        return None
+    lo, hi = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    if lo.ndim > 1 or hi.ndim > 1:
+        return None
+    if lo.ndim == 1 or hi.ndim == 1:
+        if layer.op_type in ("Conv", "ConvTranspose") and layer.node.attrs.get("group", 1) == 1:
+            axis = layer.emitter.stack_axis
+        elif layer.op_type == "Gemm":
+            axis = 1
+        else:
+            return None
+        channels = p.weight.shape[axis]
+        if any(b.ndim == 1 and b.shape[0] != channels for b in (lo, hi)):
+            return None  # a wrong length: the general path raises the error that names it
+        shape = [1] * p.weight.ndim
+        shape[axis] = channels
+        lo, hi = (b.reshape(shape) if b.ndim == 1 else b for b in (lo, hi))
+    w = p.weight.astype(np.float64)
+    weight = np.maximum(w, 0) * lo + np.minimum(w, 0) * hi
+    return Params(weight.astype(p.weight.dtype), p.bias)
+
+
 @dataclass(eq=False, repr=False)
 class ZBoxRule(Rule):
     """LRP-zB for bounded inputs in [low, high] (scalars, per-channel vectors or input-shaped arrays).
@@ -145,6 +173,12 @@ class ZBoxRule(Rule):
     def groups(self, layer):
         p = layer.params
         low, high = self.low, self.high
+        folded = _fold_bounds(layer, low, high)
+        if folded is not None:
+            # l * (W+^T s) + h * (W-^T s) = (l W+ + h W-)^T s when the bounds do not vary over the positions
+            # a weight is shared across: one transpose fewer, and the bias terms still cancel (b+ + b- = b).
+            return [Group([Term(lambda x: x, p), Term(ones_like, folded, sign=-1.0)],
+                          denominator=self.modify_denominator)]
         return [Group([Term(lambda x: x, p),
                        Term(lambda x: x.full_like(low) if hasattr(x, "full_like") else np.broadcast_to(low, x.shape),
                             with_params(p, _pos), sign=-1.0),

@@ -24,6 +24,7 @@ class Sym:
         self.var = var
         self.shape = tuple(shape)
         self.batched = batched
+        self.fill = None  # the scalar a constant tensor is filled with (multiplying by 1 can be skipped)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _wrap(self, var, batched=None):
@@ -80,7 +81,9 @@ class Sym:
     def full_like(self, value):
         """A constant with this tensor's shape (batch dimension 1, broadcasting over the batch)."""
         arr = broadcast_bound(value, self.shape, self.builder.dtype)
-        return Sym(self.builder, self.builder.const(arr), self.shape, batched=False)
+        sym = Sym(self.builder, self.builder.const(arr), self.shape, batched=False)
+        sym.fill = float(value) if np.ndim(value) == 0 else None
+        return sym
 
     def ones_like(self):
         return self.full_like(1.0)
