@@ -6,7 +6,8 @@ For every model and batch size (224x224 inputs) three phases are measured:
   fwd      plain onnxruntime forward of the exported .onnx (CPUExecutionProvider, ORT_ENABLE_ALL,
            default intra-op threads)
   onnxlrp  ``onnxlrp.LRP(path, EpsilonGammaBox(-3, 3)).analyze(x)`` (construction = load + canonize +
-           emit + session creation, reported separately, not in the per-call latency)
+           emit + session creation, reported separately, not in the per-call latency); ``--composite``
+           times another composite (with --skip-zennit)
   zennit   Zennit ``EpsilonGammaBox(low=-3, high=3)`` (ZBox on the first conv, Gamma(0.25) on the other
            convs, Epsilon on Linear, Norm on avgpool and residual sums, Pass on activations; BN merged by
            an exact SequentialMergeBatchNorm, residual adds routed through zennit.layer.Sum; stabilizers as
@@ -57,6 +58,22 @@ for p in (str(REPO), str(REPO / "scripts"), str(HERE)):
         sys.path.insert(0, p)
 
 ZBOX_LOW, ZBOX_HIGH = -3.0, 3.0
+
+#: --composite choices for the onnxlrp phases. Zennit is compared with EpsilonGammaBox only; the others show
+#: what the rules cost: Zero (LRP(model) alone) and Epsilon reuse the forward pre-activations (two
+#: convolution passes per layer), Gamma and ZBox re-run each convolution with modified weights (three).
+COMPOSITES = {
+    "EpsilonGammaBox": lambda onnxlrp: onnxlrp.EpsilonGammaBox(ZBOX_LOW, ZBOX_HIGH),
+    "EpsilonPlus": lambda onnxlrp: onnxlrp.EpsilonPlus(),
+    "Epsilon": lambda onnxlrp: onnxlrp.Composite(onnxlrp.GlobalTypeMap({
+        "ConvLayer": onnxlrp.EpsilonRule(), "DenseLayer": onnxlrp.EpsilonRule()})),
+    "Zero": lambda onnxlrp: None,
+}
+
+
+def _composite(cfg):
+    import onnxlrp
+    return COMPOSITES[cfg.get("composite", "EpsilonGammaBox")](onnxlrp)
 GAMMA = 0.25
 EPSILON = 1e-6          # Epsilon on Linear (onnxlrp DEFAULT_EPSILON)
 STABILIZER = 1e-9       # Gamma / ZBox (onnxlrp DEFAULT_STABILIZER)
@@ -225,8 +242,7 @@ def phase_onnxlrp(cfg):
 
     def setup():  # load + canonize + emit the relevance graph + create its session
         t0 = time.perf_counter()
-        analyzer = onnxlrp.LRP(cfg["onnx"], onnxlrp.EpsilonGammaBox(ZBOX_LOW, ZBOX_HIGH), verbose=False,
-                               device="cpu")
+        analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu")
         return analyzer, time.perf_counter() - t0
 
     analyzer, res = _measure(setup, lambda an: an.analyze(x), cfg["warmup"], cfg["repeats"], base)
@@ -296,8 +312,7 @@ def phase_profile(cfg):
     import numpy as np
     import onnxlrp
     x = make_input(cfg["batch"])
-    analyzer = onnxlrp.LRP(cfg["onnx"], onnxlrp.EpsilonGammaBox(ZBOX_LOW, ZBOX_HIGH), verbose=False,
-                           device="cpu")
+    analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu")
     # the emitted graph's extra inputs (see onnxlrp/rewriter.py): -1 = explain each sample's top output
     feeds_rel = {analyzer.data_input: x, "output_selection": np.full(len(x), -1, dtype=np.int64),
                  "normalize_output_relevance": np.asarray(True)}
@@ -539,6 +554,13 @@ def print_profile(model, batch, prof, top):
         print(f"    top {top} nodes:")
         for node, op, shape, ms in p["top_nodes"][:top]:
             print(f"      {ms:9.1f} ms  {op:<18} {str(shape):<22} {node}")
+    fwd, rel = prof.get("forward"), prof.get("relevance")
+    if fwd and rel:
+        # No graph of plain ONNX ops can be faster than its convolutions at forward-pass efficiency.
+        conv = sum(ms for op, ms in rel["by_op"] if op in ("Conv", "ConvTranspose"))
+        print(f"  floor: the relevance graph's convolutions alone take {conv:.1f} ms = "
+              f"{conv / fwd['kernel_ms']:.2f}x the whole forward pass; all other ops "
+              f"{rel['kernel_ms'] - conv:.1f} ms = {(rel['kernel_ms'] - conv) / fwd['kernel_ms']:.2f}x")
 
 
 def report(info, results, sanity, profiles, markdown, profile_batch, profile_top):
@@ -614,6 +636,9 @@ def main(argv=None):
     ap.add_argument("--skip-sanity", action="store_true", help="skip the onnxlrp-vs-Zennit sanity check")
     ap.add_argument("--zennit-gamma", choices=["generalized", "plain"], default="generalized",
                     help="zennit's (generalized) Gamma rule, or a plain-gamma hook matching onnxlrp's GammaRule")
+    ap.add_argument("--composite", choices=list(COMPOSITES), default="EpsilonGammaBox",
+                    help="onnxlrp's composite (Zennit runs EpsilonGammaBox only, so other choices need "
+                         "--skip-zennit)")
     ap.add_argument("--profile", action="store_true",
                     help="ORT per-op profile of the relevance graph vs the forward graph (smallest batch)")
     ap.add_argument("--profile-runs", type=int, default=2)
@@ -625,6 +650,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.from_json:
         return report_from_json(args.from_json, args.markdown)
+    if args.composite != "EpsilonGammaBox" and not args.skip_zennit:
+        ap.error(f"Zennit is compared with EpsilonGammaBox only: add --skip-zennit to time {args.composite}")
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -637,7 +664,8 @@ def main(argv=None):
     info["ort_intra_op_threads"] = "default (onnxruntime: one per physical core)"
     print_machine(info, args.markdown)
     print(f"Config: models={models} batches={batches} warmup={args.warmup} repeats={args.repeats} "
-          f"(median), zennit={'skipped' if args.skip_zennit else args.zennit_gamma + ' gamma'}, input 3x224x224")
+          f"(median), onnxlrp composite={args.composite}, "
+          f"zennit={'skipped' if args.skip_zennit else args.zennit_gamma + ' gamma'}, input 3x224x224")
     sys.stdout.flush()
 
     # export (in a child as well, so that this process stays small and torch-free)
@@ -652,7 +680,7 @@ def main(argv=None):
     results, sanity, profiles = {}, {}, {}
     for m in models:
         base = dict(model=m, onnx=str(paths[m]), threads=threads, warmup=args.warmup, repeats=args.repeats,
-                    zennit_gamma=args.zennit_gamma, cache_dir=str(cache_dir))
+                    zennit_gamma=args.zennit_gamma, cache_dir=str(cache_dir), composite=args.composite)
         if not args.skip_zennit and not args.skip_sanity:
             variants = ["generalized", "plain"]
             sanity[m] = run_phase("sanity", dict(base, batch=2, variants=variants))
