@@ -98,23 +98,29 @@ class EmitContext:
             raise ValueError(f"tensor '{tensor.name}' has no inferred shape")
         return tuple(tensor.shape)
 
+    def _static_tail(self, like):
+        """The static sizes of ``like`` past its first (batch) axis, or None where one is not known."""
+        dims = self.shape(like)[1:]
+        if dims and all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+            return [int(d) for d in dims]
+        return None
+
     def reshape_like(self, var, like, var_like):
         """Reshape ``var`` (shaped like the tensor ``var_like``) to the shape of ``like``. Where both share
         their first (batch) axis, a static target [0, d1, ...] keeps the shape known to onnxruntime's shape
         inference, which its NCHWc layout pass needs to keep elementwise ops between convolutions in the
         blocked layout; Shape(like) would hide it."""
-        dims = self.shape(like)
-        if dims[0] == self.shape(var_like)[0] and dims[1:] and \
-                all(isinstance(d, (int, np.integer)) and d > 0 for d in dims[1:]):
-            return self.b.op("Reshape", [var, self.b.i64([0] + [int(d) for d in dims[1:]])])
+        tail = self._static_tail(like)
+        if tail is not None and self.shape(like)[0] == self.shape(var_like)[0]:
+            return self.b.op("Reshape", [var, self.b.i64([0] + tail)])
         return self.b.op("Reshape", [var, self.b.op("Shape", [like])])
 
     def expand_like(self, var, like):
         """Broadcast a batch-first ``var`` to the shape of ``like`` (a static target where possible, see
         reshape_like)."""
-        dims = self.shape(like)
-        if dims[1:] and all(isinstance(d, (int, np.integer)) and d > 0 for d in dims[1:]):
-            return self.b.op("Expand", [var, self.b.i64([1] + [int(d) for d in dims[1:]])])
+        tail = self._static_tail(like)
+        if tail is not None:
+            return self.b.op("Expand", [var, self.b.i64([1] + tail)])
         return self.b.op("Expand", [var, self.b.op("Shape", [like])])
 
     def sym(self, var, like):
