@@ -4,7 +4,6 @@ GlobalAveragePool / ReduceMean (linear maps; their transposes spread the cotange
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from .._onnx_utils import const_value
 from .base import Emitter, register
