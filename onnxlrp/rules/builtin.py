@@ -177,14 +177,11 @@ class ZBoxRule(Rule):
         if folded is not None:
             # l * (W+^T s) + h * (W-^T s) = (l W+ + h W-)^T s when the bounds do not vary over the positions
             # a weight is shared across: one transpose fewer, and the bias terms still cancel (b+ + b- = b).
-            return [Group([Term(lambda x: x, p), Term(ones_like, folded, sign=-1.0)],
-                          denominator=self.modify_denominator)]
-        return [Group([Term(lambda x: x, p),
-                       Term(lambda x: x.full_like(low) if hasattr(x, "full_like") else np.broadcast_to(low, x.shape),
-                            with_params(p, _pos), sign=-1.0),
-                       Term(lambda x: x.full_like(high) if hasattr(x, "full_like") else np.broadcast_to(high, x.shape),
-                            with_params(p, _neg), sign=-1.0)],
-                      denominator=self.modify_denominator)]
+            bound_terms = [Term(ones_like, folded, sign=-1.0)]
+        else:
+            bound_terms = [Term(lambda x, v=v: x.full_like(v) if hasattr(x, "full_like") else np.broadcast_to(v, x.shape),
+                                with_params(p, part), sign=-1.0) for v, part in ((low, _pos), (high, _neg))]
+        return [Group([Term(lambda x: x, p)] + bound_terms, denominator=self.modify_denominator)]
 
     def __repr__(self):
         def short(v):
