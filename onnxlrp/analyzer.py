@@ -11,23 +11,29 @@ from .composite import Composite, GlobalMap, check_compatible, default_rules
 from .errors import InputError, LRPError
 from .explanation import Explanation
 from .layers import build_layers
-from .loading import BATCH_DIM, _infer_shapes, clear_inferred_shapes, load_model
-from .rewriter import (NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model,
+from .loading import BATCH_DIM, load_model
+from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model,
                        export_relevance_model)
 from .rules import Rule
 from .runtime import cuda_provider_options, make_session, session_device
 
 GRAPH_DOC = """onnxlrp relevance graph (Layer-wise Relevance Propagation).
 Inputs:
-  {x} float {xshape}: the model's data input
-  output_selection int64 (N): flat output index to explain per sample; -1 = the sample's top output
+  {x} {xtype} {xshape}: the model's data input{others}
+  output_selection int64 (N): flat output index to explain per sample; -1 = the sample's top output{position}
   normalize_output_relevance bool (): true = seed relevance 1, false = seed the output's value
 Outputs:
   output float {yshape}: the model output (softmax stripped)
-  relevance float {xshape}: the input relevance
+  relevance float {rshape}: the relevance of {explained}
   output_selection_used int64 (N): the explained output index per sample
 Rules:
 {rules}"""
+
+POSITION_DOC = """
+  output_position int64 (N): the position of the (N, T, ...) output whose top output -1 selects; -1 = last"""
+
+#: Values for a token model's other inputs when analyze() is given none: (name part, fill).
+DEFAULT_TOKEN_INPUTS = (("mask", "ones"), ("token_type", "zeros"), ("segment", "zeros"), ("position", "arange"))
 
 
 class LRP:
@@ -46,6 +52,7 @@ class LRP:
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
                  cudnn_conv_algo_search="EXHAUSTIVE"):
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
+        self._model, self._input_name = model, input_name  # read again for other input shapes
         loaded = load_model(model, input_name)
         self.canonization = canonize_graph(loaded.graph)
         self.data_input = loaded.data_input
@@ -57,16 +64,28 @@ class LRP:
         self.device = device
         self.layer_relevances = layer_relevances
         self.cuda_options = cuda_provider_options(allow_tf32, cudnn_conv_algo_search)
+        #: the tensor whose relevance is returned: the data input, or a token model's embedding output
+        self.explained = loaded.explained
+        self.token_input = loaded.explained != loaded.data_input
+        self.vocab_size = loaded.vocab_size
         self._canonical = loaded.graph  # emission works on copies (they share the weight arrays)
-        self.layers = build_layers(loaded.graph, self.data_input, strict=not skip_checks)
+        self.layers = build_layers(loaded.graph, self.explained, strict=not skip_checks)
         self.rules = self._resolve_rules(rules_or_composite)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
-        self.input_shape = tuple(x.shape) if x.shape is not None else None
+        self._canonical_shape = tuple(x.shape[1:]) if x.shape is not None else None
+        self.input_shape = loaded.declared_shape
         self.input_dtype = np.dtype(x.dtype or np.float32)
+        self._other_info = {t.name: (np.dtype(t.dtype or np.float32), t.shape) for t in loaded.graph.inputs
+                            if t.name in self.other_inputs}
         y = loaded.graph.outputs[0]
         self.output_shape = tuple(y.shape) if y.shape is not None else None
+        # Token models with a (N, T, ...) output (language models, token classifiers) explain one position.
+        self.sequence_output = self.token_input and self.output_shape is not None and len(self.output_shape) == 3
+        if self.sequence_output:
+            self.output_shape = (BATCH_DIM, "T") + tuple(self.output_shape[2:])
         self._built = {}
         self._built_concepts = {}
+        self._out_shapes = {}
         if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
             self._build(tuple(self.input_shape[1:]))
 
@@ -95,25 +114,36 @@ class LRP:
         key = feature_shape if concept_layer is None else (feature_shape, concept_layer)
         if key in built:
             return built[key]
-        graph = self._canonical.copy()
-        x = next(t for t in graph.inputs if t.name == self.data_input)
-        if tuple(x.shape[1:]) != feature_shape:
-            x.shape = [BATCH_DIM] + list(feature_shape)
-            clear_inferred_shapes(graph)
-            graph = _infer_shapes(graph, self.source)
-        layers = build_layers(graph, self.data_input, strict=not self.skip_checks)
-        if len(layers) != len(self.layers):
+        if feature_shape == self._canonical_shape:
+            graph = self._canonical.copy()
+        else:
+            # Load again with the shape fixed: shapes computed at run time (attention scales, causal
+            # masks, reshape targets) fold into constants for this shape.
+            loaded = load_model(self._model, self._input_name, feature_shape)
+            canonize_graph(loaded.graph)
+            graph = loaded.graph
+        layers = build_layers(graph, self.explained, strict=not self.skip_checks)
+        if [l.op_type for l in layers] != [l.op_type for l in self.layers]:
             raise LRPError(f"{self.source}: the graph has a different layer structure for input shape "
                            f"{feature_shape}")
-        doc = GRAPH_DOC.format(x=self.data_input, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
-                               yshape=_fmt_shape(self.output_shape or ("?",)), rules=self.rules_listing())
+        y = graph.outputs[0]
+        r = graph.tensors()[self.explained]
+        others = "".join(f"\n  {name} {np.dtype(t.dtype)} {_fmt_shape(t.shape or ('?',))}: another model input"
+                         for name, t in ((t.name, t) for t in graph.inputs if t.name in self.other_inputs))
+        doc = GRAPH_DOC.format(x=self.data_input, xtype=self.input_dtype, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
+                               others=others, position=POSITION_DOC if self.sequence_output else "",
+                               yshape=_fmt_shape(y.shape or ("?",)), rshape=_fmt_shape(r.shape or ("?",)),
+                               explained="the input" if not self.token_input else
+                               f"the embedding output '{self.explained}'", rules=self.rules_listing())
         model = emit_relevance_model(graph, layers, self.rules, self.data_input, self.opset,
                                      layer_relevances=self.layer_relevances, doc=doc,
-                                     concept_layer=concept_layer)
+                                     concept_layer=concept_layer, explained=self.explained,
+                                     sequence_output=self.sequence_output)
         session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
                                cuda_options=self.cuda_options)
         del model  # the graph keeps the arrays; relevance_model exports it again on demand
         built[key] = ((graph, doc), session)
+        self._out_shapes[feature_shape] = tuple(y.shape) if y.shape is not None else None
         return built[key]
 
     def _export(self, built):
@@ -142,7 +172,15 @@ class LRP:
     def _check_input(self, x):
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.floating):
+        if self.token_input:
+            if not np.issubdtype(x.dtype, np.integer):
+                raise InputError(f"{self.source}: input '{self.data_input}' expects integer token ids "
+                                 f"({self.input_dtype}), got dtype {x.dtype}")
+            if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
+                bad = int(x.min()) if x.min() < 0 else int(x.max())
+                raise InputError(f"{self.source}: token id {bad} in '{self.data_input}' is out of range: the "
+                                 f"embedding table has {self.vocab_size} rows (valid: 0..{self.vocab_size - 1})")
+        elif not np.issubdtype(x.dtype, np.floating):
             raise InputError(f"{self.source}: input '{self.data_input}' expects a floating-point array "
                              f"({self.input_dtype}), got dtype {x.dtype}")
         expected = self.input_shape
@@ -175,37 +213,96 @@ class LRP:
                              f"per sample (valid: 0..{n_outputs - 1})")
         return sel
 
-    def analyze(self, x, output_selection=None, *, inputs=None, keep_on_device=False) -> Explanation:
+    def analyze(self, x, output_selection=None, *, inputs=None, keep_on_device=False, position=-1) -> Explanation:
         """Explain ``x`` (a batch): relevance of the selected output (default: each sample's top output).
+
+        Token models (integer ``input_ids``) return the relevance of the word-embedding output (N, T, H) in
+        ``val`` and its sum over H in ``extras["token_relevance"]``; their other inputs default to all ones
+        (attention masks), zeros (token types) and 0..T-1 (position ids). For a (N, T, V) output (a language
+        model, a token classifier) ``position`` (default -1, the last) says which position is explained and
+        ``output_selection`` is then the class or token id at that position.
 
         With ``keep_on_device=True`` the Explanation's ``val`` and ``output`` are onnxruntime OrtValues left
         where the session ran (on the GPU with the CUDA provider), for chaining further GPU work.
         """
         x = self._check_input(x)
-        _, session = self._build(tuple(x.shape[1:]))
-        feeds = self._feeds(x, output_selection, inputs)
+        feature_shape = tuple(x.shape[1:])
+        _, session = self._build(feature_shape)
+        feeds = self._feeds(x, output_selection, inputs, self._out_shapes.get(feature_shape), position)
         names = [o.name for o in session.get_outputs()]
         results = self._run_bound(session, feeds, names, keep_on_device)
         extras = {}
         layer_keys = [k for k in names if k.startswith("relevance_layer_")]
         if layer_keys:
             extras["layerwise_relevances"] = {int(k.rsplit("_", 1)[1]): results[k] for k in layer_keys}
+        selection = results[SELECTION_USED]
+        if self.sequence_output:
+            per_step = int(np.prod(self._out_shapes[feature_shape][2:]))
+            extras["output_position"] = selection // per_step
+            selection = selection % per_step
+        if self.token_input and isinstance(results[RELEVANCE], np.ndarray):
+            extras["token_relevance"] = results[RELEVANCE].sum(axis=tuple(range(2, results[RELEVANCE].ndim)))
         return Explanation(val=results[RELEVANCE], output=results[OUTPUT],
-                           output_selection=results[SELECTION_USED], analyzer="LRP", heatmap="attribution",
+                           output_selection=selection, analyzer="LRP", heatmap="attribution",
                            extras=extras)
 
-    def _feeds(self, x, output_selection, inputs):
-        y_shape = self.output_shape
+    def _feeds(self, x, output_selection, inputs, y_shape=None, position=-1):
+        y_shape = y_shape or self.output_shape
         n_out = int(np.prod(y_shape[1:])) if y_shape and all(isinstance(d, int) for d in y_shape[1:]) else None
-        sel = self._selection(output_selection, x.shape[0], n_out)
+        extra = {}
+        if self.sequence_output:
+            steps, per_step = int(y_shape[1]), int(np.prod(y_shape[2:]))
+            pos = np.asarray(position).astype(np.int64).reshape(-1)
+            if not np.issubdtype(np.asarray(position).dtype, np.integer) or np.any((pos < -steps) | (pos >= steps)):
+                raise InputError(f"position {position} out of range: the output has {steps} positions")
+            pos = np.broadcast_to(np.where(pos < 0, pos + steps, pos), (x.shape[0],)).astype(np.int64)
+            sel = self._selection(output_selection, x.shape[0], per_step)
+            if output_selection is not None:
+                sel = pos * per_step + sel
+            extra[POSITION] = pos
+        else:
+            sel = self._selection(output_selection, x.shape[0], n_out)
         feeds = {self.data_input: x, SELECTION: sel,
-                 NORMALIZE: np.asarray(self.normalize_output_relevance)}
+                 NORMALIZE: np.asarray(self.normalize_output_relevance), **extra}
+        unknown = sorted(set(inputs or {}) - set(self.other_inputs))
+        if unknown:
+            raise InputError(f"{self.source}: the model has no other input {unknown[0]!r}; its other inputs are "
+                             f"{self.other_inputs}")
         for name in self.other_inputs:
-            if not inputs or name not in inputs:
+            value = (inputs or {}).get(name)
+            if value is None:
+                value = self._default_input(name, x)
+            if value is None:
                 raise InputError(f"{self.source}: the model has another input '{name}'; pass its value with "
                                  f"analyze(..., inputs={{'{name}': array}})")
-            feeds[name] = inputs[name]
+            feeds[name] = self._check_other(name, value, x)
         return feeds
+
+    def _default_input(self, name, x):
+        """A token model's attention mask (ones), token types (zeros) or position ids (0..T-1)."""
+        dtype, shape = self._other_info[name]
+        if not self.token_input or shape is None or len(shape) != x.ndim:
+            return None
+        for part, fill in DEFAULT_TOKEN_INPUTS:
+            if part in name.lower():
+                if fill == "arange":
+                    return np.broadcast_to(np.arange(x.shape[1], dtype=dtype), x.shape).copy()
+                return (np.ones if fill == "ones" else np.zeros)(x.shape, dtype=dtype)
+        return None
+
+    def _check_other(self, name, value, x):
+        dtype, shape = self._other_info[name]
+        value = np.asarray(value)
+        if value.dtype.kind != dtype.kind and not (value.dtype.kind in "iub" and dtype.kind in "iub"):
+            raise InputError(f"{self.source}: input '{name}' expects dtype {dtype}, got {value.dtype}")
+        if shape is not None:
+            if value.ndim != len(shape):
+                raise InputError(f"{self.source}: input '{name}' expects rank {len(shape)} "
+                                 f"{_fmt_shape(shape)}, got shape {value.shape}")
+            if value.shape[0] != x.shape[0]:
+                raise InputError(f"{self.source}: input '{name}' has {value.shape[0]} samples, "
+                                 f"'{self.data_input}' has {x.shape[0]}")
+        return np.ascontiguousarray(value, dtype=dtype)
 
     @staticmethod
     def _run_bound(session, feeds, names, keep_on_device):

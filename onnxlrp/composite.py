@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .emitters import GROUPS
 from .errors import RuleCompatibilityError
-from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, LayerNormRule, PassRule, Rule, ZBoxRule,
-                    ZeroRule, ZPlusRule)
+from .rules import (AlphaBetaRule, CPRule, EpsilonRule, FlatRule, GammaRule, LayerNormRule, PassRule, Rule,
+                    SoftmaxRule, UniformRule, ZBoxRule, ZeroRule, ZPlusRule)
 from .rules.base import DEFAULT_EPSILON, DEFAULT_GAMMA
 
 
@@ -193,9 +193,12 @@ class FirstNTypeMap(GlobalTypeMap):
 
 
 def default_rules(layers):
-    """ZeroRule on every layer with a linear map (parameters, pooling, merges), PassRule elsewhere."""
+    """ZeroRule on every layer with a linear map (parameters, pooling, merges), the LRP-0 counterparts on
+    the layers of attention (SoftmaxRule on softmaxes, UniformRule on products of two activations), and
+    PassRule elsewhere."""
     zero, passing = ZeroRule(), PassRule()
-    return [zero if layer.linear else passing for layer in layers]
+    by_group = {"SoftmaxLayer": SoftmaxRule(), "AttentionLayer": UniformRule(), "ProductLayer": UniformRule()}
+    return [zero if layer.linear else by_group.get(layer.group, passing) for layer in layers]
 
 
 class Composite:
@@ -265,5 +268,43 @@ def EpsilonAlpha2Beta1Flat(*, epsilon=DEFAULT_EPSILON):
                      name="EpsilonAlpha2Beta1Flat")
 
 
+def _transformer_map(epsilon, product_rule):
+    """LXT's efficient rules as a type map: LRP-0 (or epsilon) on linear layers, bias and residual adds,
+    identity on activations, LayerNorm with its standard deviation held constant."""
+    if epsilon < 0 or not epsilon == epsilon:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    linear = ZeroRule() if epsilon == 0 else EpsilonRule(epsilon)
+    return GlobalTypeMap({
+        "ConvLayer": linear,
+        "DenseLayer": linear,
+        "ScaleLayer": linear,
+        "MergeLayer": linear,
+        "PoolingLayer": linear,
+        "BatchNormalization": linear,
+        "LayerNormalization": LayerNormRule(),
+        "NormalizationLayer": PassRule(),
+        "DropoutLayer": PassRule(),
+        "ReshapingLayer": PassRule(),
+        "ActivationLayer": PassRule(),
+        "MaskLayer": PassRule(),
+        "SoftmaxLayer": SoftmaxRule(),
+        "AttentionLayer": product_rule,
+        "ProductLayer": UniformRule(),
+    })
+
+
+def AttnLRP(epsilon=0.0):
+    """AttnLRP (Achtibat et al., ICML 2024) as LXT 2.1's efficient rules: LRP-0 on linear layers (or
+    Epsilon with ``epsilon`` > 0), the softmax rule, the uniform rule on q kᵀ, probs v and other products
+    of two activations, LayerNormRule, and the identity rule on activations."""
+    return Composite(_transformer_map(epsilon, UniformRule()), name="AttnLRP")
+
+
+def CPLRP(epsilon=0.0):
+    """CP-LRP (Ali et al., ICML 2022) as LXT's ``cp_LRP``: AttnLRP with the attention probabilities held
+    constant, so relevance flows through the values only, never into queries and keys."""
+    return Composite(_transformer_map(epsilon, CPRule()), name="CPLRP")
+
+
 PRESETS = {f.__name__: f for f in (EpsilonGammaBox, EpsilonPlus, EpsilonAlpha2Beta1, EpsilonPlusFlat,
-                                   EpsilonAlpha2Beta1Flat)}
+                                   EpsilonAlpha2Beta1Flat, AttnLRP, CPLRP)}

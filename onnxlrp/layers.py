@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from ._onnx_utils import const_value
 from .emitters import EMITTERS
+from .emitters.elementwise import gate_signal
 from .errors import UnsupportedModelError
 
 #: Ops whose outputs never carry relevance (shape arithmetic).
@@ -70,15 +71,18 @@ def _fused_bias(node, emitter):
 
 
 def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
-    """Number the data-carrying nodes of a canonized graph. Raises UnsupportedModelError listing every
-    unsupported node (with strict=False they pass relevance through unchanged instead)."""
+    """Number the data-carrying nodes of a canonized graph (``data_input`` names the tensor relevance is
+    reported at). Raises UnsupportedModelError listing every unsupported node that relevance reaches (with
+    strict=False they pass relevance through unchanged instead). Unsupported nodes that relevance never
+    reaches (a gate's branch such as the Pow of a tanh-GELU or an RMSNorm's statistics, or nodes that feed
+    only other graph outputs) are not layers."""
     graph.toposort()
     data = data_tensors(graph, data_input)
 
     def is_data(t):
         return not isinstance(t, gs.Constant) and t.name in data
 
-    layers, unsupported, absorbed = [], [], set()
+    candidates, absorbed = [], set()
     for node in graph.nodes:
         if id(node) in absorbed or node.op in NON_DATA_OPS:
             continue
@@ -87,27 +91,50 @@ def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
         emitter = EMITTERS.get(node.op)
         if emitter is not None and hasattr(emitter, "resolve"):
             emitter = emitter.resolve(node, is_data)
-        reason = None
-        if emitter is None:
-            reason = "no emitter for this op type"
+        reason = "no emitter for this op type" if emitter is None else emitter.unsupported_reason(node, is_data)
+        nodes = [node]
+        if not reason:
+            bias = _fused_bias(node, emitter)
+            if bias is not None:
+                nodes.append(bias)
+                absorbed.add(id(bias))
+            idx = emitter.data_input_indices(node, is_data)
         else:
-            reason = emitter.unsupported_reason(node, is_data)
+            idx = [i for i, t in enumerate(node.inputs) if is_data(t)]
+        candidates.append((nodes, emitter, reason, idx))
+
+    # Which candidates relevance reaches, walking back from the explained output.
+    relevant = {graph.outputs[0].name} if graph.outputs else set()
+    reached = [False] * len(candidates)
+    for k in range(len(candidates) - 1, -1, -1):
+        nodes, _, _, idx = candidates[k]
+        if any(t.name in relevant for t in nodes[-1].outputs):
+            reached[k] = True
+            relevant.update(nodes[0].inputs[i].name for i in idx)
+
+    layers, unsupported = [], []
+    for (nodes, emitter, reason, idx), hit in zip(candidates, reached):
+        node = nodes[0]
         if reason:
+            if not hit:
+                continue
             unsupported.append((node.name, node.op, reason))
             if strict:
                 continue
             from .emitters.elementwise import FALLBACK_PASS
             emitter = FALLBACK_PASS
-        nodes = [node]
-        bias = _fused_bias(node, emitter)
-        if bias is not None:
-            nodes.append(bias)
-            absorbed.add(id(bias))
-        idx = emitter.data_input_indices(node, is_data)
+            idx = emitter.data_input_indices(node, is_data)
         layer = Layer(index=len(layers), name=node.name or f"{node.op}_{len(layers)}", op_type=node.op,
                       group=emitter.group, nodes=nodes, inputs=[node.inputs[i] for i in idx],
                       outputs=list(nodes[-1].outputs), emitter=emitter)
         layer.params = emitter.params(layer)
+        # The signal of a gate (the 0.5 x of a tanh-GELU) is inside a pattern onnxruntime fuses into one
+        # kernel; its FastGeluFusion (1.31) drops the tensor even when the relevance pass reads it, so rules
+        # compute their own copy of such an output instead of reusing it.
+        consumers = layer.outputs[0].outputs
+        layer.extra["interior"] = bool(consumers) and all(
+            c.op == "Mul" and len(c.inputs) == 2 and gate_signal(c) is not None and
+            c.inputs[gate_signal(c)] is layer.outputs[0] for c in consumers)
         layers.append(layer)
     if unsupported and strict:
         raise UnsupportedModelError(unsupported_message(unsupported), unsupported)

@@ -24,6 +24,14 @@ from .errors import ModelLoadError
 BATCH_DIM = "batch"
 
 
+#: Sequence length used to build the layer structure of a token model whose length is dynamic (the
+#: structure does not depend on it; each analyzed length gets its own graph).
+PROBE_SEQUENCE_LENGTH = 8
+
+#: Ops an integer token input may pass through on its way to the embedding lookup.
+_TOKEN_PATH_OPS = ("Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+
+
 @dataclass
 class LoadedModel:
     graph: gs.Graph
@@ -31,6 +39,12 @@ class LoadedModel:
     data_input: str
     other_inputs: list
     opset: int
+    #: the tensor whose relevance is reported: the data input, or for integer token inputs the output of
+    #: the embedding lookup (Gather on a constant table)
+    explained: str = ""
+    #: the data input's shape as the file declares it (batch axis symbolic)
+    declared_shape: tuple | None = None
+    vocab_size: int | None = None
 
 
 def _read_model(path: str) -> onnx.ModelProto:
@@ -222,8 +236,50 @@ def _infer_shapes(graph: gs.Graph, source: str) -> gs.Graph:
     return graph
 
 
-def load_model(model, input_name: str | None = None) -> LoadedModel:
-    """Read and normalize a model given as a path or an onnx.ModelProto."""
+def _fix_input_dims(graph: gs.Graph, data_input: gs.Variable, original, feature_shape) -> None:
+    """Give the data input the static feature shape, and every other input the same sizes where it uses
+    the same symbolic dimension (an attention mask shares the sequence axis of the token ids)."""
+    mapping = {}
+    if original and isinstance(original[0], str):
+        mapping[original[0]] = BATCH_DIM
+    for dim, size in zip(list(original or [])[1:], feature_shape):
+        if isinstance(dim, str):
+            mapping[dim] = int(size)
+    data_input.shape = [BATCH_DIM] + [int(d) for d in feature_shape]
+    for tensor in graph.inputs:
+        if isinstance(tensor, gs.Variable) and tensor is not data_input and tensor.shape:
+            tensor.shape = [mapping.get(d, d) if isinstance(d, str) else d for d in tensor.shape]
+
+
+def _embedding_output(graph: gs.Graph, token_input: gs.Variable, source: str):
+    """(output tensor, vocabulary size) of the embedding lookup fed by an integer token input: a Gather
+    on a constant 2-D table along axis 0, reached through reshapes and casts. The largest table wins
+    (the word embeddings, not a token-type table that shares the input)."""
+    frontier, seen, found = [token_input], set(), []
+    while frontier:
+        tensor = frontier.pop()
+        for node in tensor.outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op in _TOKEN_PATH_OPS and node.inputs[0] is tensor:
+                frontier.extend(node.outputs)
+            elif node.op == "Gather" and len(node.inputs) == 2 and node.inputs[1] is tensor:
+                table = node.inputs[0]
+                if isinstance(table, gs.Constant) and len(table.shape) == 2 and node.attrs.get("axis", 0) == 0:
+                    found.append((table.shape[0], node.outputs[0]))
+    if not found:
+        raise ModelLoadError(
+            f"{source}: data input '{token_input.name}' has dtype {np.dtype(token_input.dtype)} and feeds no "
+            "embedding lookup (a Gather on a constant table); LRP needs a floating-point input or token ids")
+    vocab, output = max(found, key=lambda f: f[0])
+    return output, int(vocab)
+
+
+def load_model(model, input_name: str | None = None, feature_shape=None) -> LoadedModel:
+    """Read and normalize a model given as a path or an onnx.ModelProto. ``feature_shape`` (the data
+    input's shape without the batch axis) fixes dynamic axes before constants are folded, so that shapes
+    computed at run time (attention scales, causal masks, reshape targets) become constants."""
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
         proto = _read_model(source)
@@ -256,14 +312,25 @@ def load_model(model, input_name: str | None = None) -> LoadedModel:
             raise ModelLoadError(f"{source}: no data input named '{input_name}'; "
                                  f"data inputs are {[t.name for t in data_inputs]}")
         data_input = matches[0]
-    if not _is_float(data_input):
-        raise ModelLoadError(f"{source}: data input '{data_input.name}' has dtype {data_input.dtype}; "
-                             "LRP needs a floating-point input")
+    token_input = not _is_float(data_input)
+    if token_input and not np.issubdtype(np.dtype(data_input.dtype), np.integer):
+        raise ModelLoadError(f"{source}: data input '{data_input.name}' has dtype {np.dtype(data_input.dtype)}; "
+                             "LRP needs a floating-point input or integer token ids")
     if not graph.outputs:
         raise ModelLoadError(f"{source}: the graph has no outputs")
 
+    original = list(data_input.shape) if data_input.shape else None
     old_batch = _symbolic_batch(graph, data_input)
+    declared = tuple(data_input.shape) if data_input.shape else None
     _fix_batch_reshapes(graph, old_batch)
+    dynamic = bool(declared) and any(not isinstance(d, int) for d in declared[1:])
+    if feature_shape is None and token_input and dynamic:
+        feature_shape = [d if isinstance(d, int) else PROBE_SEQUENCE_LENGTH for d in declared[1:]]
+    if feature_shape is not None:
+        if declared is not None and len(feature_shape) != len(declared) - 1:
+            raise ModelLoadError(f"{source}: input '{data_input.name}' has rank {len(declared)}, got a "
+                                 f"feature shape of rank {len(feature_shape)}")
+        _fix_input_dims(graph, data_input, original, feature_shape)
     graph = _infer_shapes(graph, source)
     # Folding evaluates constant subgraphs with onnxruntime, whose optimizer warns about nodes it keeps.
     ort.set_default_logger_severity(3)
@@ -275,5 +342,10 @@ def load_model(model, input_name: str | None = None) -> LoadedModel:
     graph = _infer_shapes(graph, source)
     data_input = next(t for t in graph.inputs if t.name == data_input.name)
     others = [t.name for t in graph.inputs if isinstance(t, gs.Variable) and t is not data_input]
+    explained, vocab = data_input.name, None
+    if token_input:
+        embedding, vocab = _embedding_output(graph, data_input, source)
+        explained = embedding.name
     return LoadedModel(graph=graph, source=source, data_input=data_input.name, other_inputs=others,
-                       opset=max(default_opset(proto), MIN_EMIT_OPSET))
+                       opset=max(default_opset(proto), MIN_EMIT_OPSET), explained=explained,
+                       declared_shape=declared, vocab_size=vocab)

@@ -24,6 +24,7 @@ RELEVANCE = "relevance"
 SELECTION = "output_selection"
 SELECTION_USED = "output_selection_used"
 NORMALIZE = "normalize_output_relevance"
+POSITION = "output_position"
 CONCEPT_MASK = "concept_mask"
 CONCEPT_RELEVANCE = "concept_relevance"
 
@@ -138,7 +139,8 @@ class EmitContext:
             z = None
             for term in group.terms:
                 inputs = [term.input(x) for x in xs]
-                if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params):
+                if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params) \
+                        and not layer.extra.get("interior"):
                     z_term = z_orig  # reuse the forward pass's own pre-activation
                 else:
                     z_term = emitter.forward(self, layer, inputs, term.params)
@@ -176,15 +178,43 @@ def _same_params(p, q):
     return p.weight is q.weight and (p.bias is q.bias)
 
 
+def _select_outputs(ctx, y, selection, position):
+    """The flat output index explained per sample: ``selection`` where it is >= 0, else the top output;
+    for sequence outputs (N, T, ...) with ``position`` given, the top output at that position (-1 = last)."""
+    b = ctx.b
+    flat_y = b.op("Reshape", [y, b.i64([0, -1])])
+    negative = b.op("Less", [selection, b.i64(0)])
+    if position is None:
+        top = b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0})
+        return flat_y, b.op("Where", [negative, top, selection])
+    shape = ctx.shape(y)
+    steps, per_step = int(shape[1]), int(np.prod(shape[2:]))
+    pos = b.op("Where", [b.op("Less", [position, b.i64(0)]), b.op("Add", [position, b.i64(steps)]), position])
+    rows = b.op("Reshape", [y, b.i64([0, steps, per_step])])
+    at = b.op("Cast", [b.op("Equal", [b.i64(np.arange(steps)[None, :]), b.op("Unsqueeze", [pos, b.i64([1])])])],
+              attrs={"to": b.onnx_dtype})
+    picked = b.op("ReduceSum", [b.op("Mul", [rows, b.op("Unsqueeze", [at, b.i64([2])])]), b.i64([1])],
+                  attrs={"keepdims": 0})
+    top = b.op("ArgMax", [picked], attrs={"axis": 1, "keepdims": 0})
+    top = b.op("Add", [b.op("Mul", [pos, b.i64(per_step)]), top])
+    return flat_y, b.op("Where", [negative, top, selection])
+
+
 def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset: int,
-                         layer_relevances=False, doc="", concept_layer=None):
+                         layer_relevances=False, doc="", concept_layer=None, explained=None,
+                         sequence_output=False):
     """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place) and export it.
 
-    With ``concept_layer`` (CRP), the relevance arriving at that layer's output is also an output
-    (``concept_relevance``) and is multiplied by the input ``concept_mask`` (N, features) before it goes on.
+    ``explained`` names the tensor whose relevance is the output (default: the data input; for token
+    models the embedding lookup's output). With ``sequence_output`` the graph gets an input
+    ``output_position`` (int64 [N], -1 = last) that says at which position of a (N, T, ...) output the top
+    output is explained. With ``concept_layer`` (CRP), the relevance arriving at that layer's output is
+    also an output (``concept_relevance``) and is multiplied by the input ``concept_mask`` (N, features)
+    before it goes on.
     """
-    x = next(t for t in graph.inputs if t.name == data_input)
-    reserved = {OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, NORMALIZE, CONCEPT_MASK, CONCEPT_RELEVANCE}
+    x_in = next(t for t in graph.inputs if t.name == data_input)
+    x = x_in if explained in (None, data_input) else graph.tensors()[explained]
+    reserved = {OUTPUT, RELEVANCE, SELECTION, SELECTION_USED, NORMALIZE, POSITION, CONCEPT_MASK, CONCEPT_RELEVANCE}
     for name, tensor in graph.tensors().items():
         if name in reserved or name.startswith("relevance_layer_"):
             if tensor in graph.inputs:
@@ -204,10 +234,8 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
     k = int(np.prod(y_shape[1:])) if len(y_shape) > 1 else 1
     selection = gs.Variable(SELECTION, dtype=np.int64, shape=["batch"])
     normalize = gs.Variable(NORMALIZE, dtype=np.bool_, shape=[])
-    flat_y = b.op("Reshape", [y, b.i64([0, -1])])
-    argmax = b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0})
-    negative = b.op("Less", [selection, b.i64(0)])
-    selection_used = b.op("Where", [negative, argmax, selection])
+    position = gs.Variable(POSITION, dtype=np.int64, shape=["batch"]) if sequence_output else None
+    flat_y, selection_used = _select_outputs(ctx, y, selection, position)
     # One-hot as Equal(arange, selection): onnxruntime has OneHot for few value types (no double).
     column = b.op("Unsqueeze", [selection_used, b.i64([1])])
     onehot = b.op("Cast", [b.op("Equal", [b.i64(np.arange(k)[None, :]), column])], attrs={"to": b.onnx_dtype})
@@ -252,7 +280,8 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
         outputs.append(named_output(CONCEPT_RELEVANCE, concept))
     outputs += [named_output(f"relevance_layer_{index}", per_layer[index]) for index in sorted(per_layer)]
 
-    graph.inputs = [x] + [t for t in graph.inputs if t is not x and isinstance(t, gs.Variable)] + [selection, normalize]
+    graph.inputs = [x_in] + [t for t in graph.inputs if t is not x_in and isinstance(t, gs.Variable)] + \
+        [selection, normalize] + ([position] if position is not None else [])
     if concept_layer is not None:
         graph.inputs.append(concept_mask)
     graph.outputs = outputs

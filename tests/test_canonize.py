@@ -267,7 +267,7 @@ def test_flatten_softmax_reshape_stripped():
     np.testing.assert_allclose(e.output.reshape(2, -1), logits.reshape(2, -1), rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_inside_the_graph_is_kept_and_unsupported():
+def test_softmax_inside_the_graph_is_kept_as_a_softmax_layer():
     rng = np.random.default_rng(14)
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1),
              helper.make_node("Softmax", ["h"], ["p"], axis=1, name="inner_softmax"),
@@ -276,9 +276,9 @@ def test_softmax_inside_the_graph_is_kept_and_unsupported():
                        [init("W1", rng.normal(size=(3, 4))), init("W2", rng.normal(size=(2, 3)))])
     assert _ops(onnxlrp.canonize(model)) == ["Gemm", "Softmax", "Gemm"]
     assert _ops(onnxlrp.strip_softmax(model)) == ["Gemm", "Softmax", "Gemm"]
-    with pytest.raises(onnxlrp.UnsupportedModelError, match="inner_softmax") as info:
-        make_lrp(model)
-    assert any(op == "Softmax" for _, op, _ in info.value.nodes)
+    layers = make_lrp(model).layers
+    assert [(l.op_type, l.group) for l in layers] == [("Gemm", "DenseLayer"), ("Softmax", "SoftmaxLayer"),
+                                                      ("Gemm", "DenseLayer")]
 
 
 def test_softmax_output_also_used_inside_is_kept():

@@ -202,13 +202,22 @@ def test_gate_passes_relevance_to_the_signal(kind):
     assert "Mul" in ops and "Conv" in ops
 
 
-def test_product_of_two_data_tensors_is_unsupported():
-    """Mul of two unrelated data tensors (a bilinear layer) is refused with the node named."""
+def test_product_of_two_branches_is_a_product_layer():
+    """Mul of two unrelated data tensors is a ProductLayer: the uniform rule gives half of the relevance
+    to each operand, then LRP-0 through each Gemm."""
+    rng = np.random.default_rng(12)
+    w1, w2 = rng.normal(size=(3, 2)).astype(F32), rng.normal(size=(3, 2)).astype(F32)
     nodes = [helper.make_node("Gemm", ["x", "W1"], ["a"], transB=1), helper.make_node("Gemm", ["x", "W2"], ["b"], transB=1),
              helper.make_node("Mul", ["a", "b"], ["z"], name="bilinear")]
-    model = make_model(nodes, [("x", [None, 2])], ["z"], [init("W1", np.eye(2)), init("W2", np.ones((2, 2)))])
-    with pytest.raises(onnxlrp.UnsupportedModelError, match="bilinear"):
-        make_lrp(model)
+    model = make_model(nodes, [("x", [None, 2])], ["z"], [init("W1", w1), init("W2", w2)])
+    analyzer = make_lrp(model)
+    assert [l.group for l in analyzer.layers] == ["DenseLayer", "DenseLayer", "ProductLayer"]
+    x = rng.normal(size=(1, 2)).astype(F32)
+    a, b = x[0].astype(np.float64) @ w1.T, x[0].astype(np.float64) @ w2.T
+    r = explain(model, x, sel=1).val[0]
+    half = 0.5  # the seed is 1 at output 1; each operand gets half of it
+    expected = x[0] * w1[1] * half / stab(a[1]) + x[0] * w2[1] * half / stab(b[1])
+    np.testing.assert_allclose(r, expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("op", ["Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Softplus", "HardSigmoid", "Clip"])

@@ -18,7 +18,8 @@ from .._onnx_utils import const_value
 EMITTERS: dict = {}
 
 GROUPS = ("ConvLayer", "DenseLayer", "PoolingLayer", "DropoutLayer", "ReshapingLayer", "NormalizationLayer",
-          "ActivationLayer", "MergeLayer", "ScaleLayer")
+          "ActivationLayer", "MergeLayer", "ScaleLayer", "AttentionLayer", "ProductLayer", "SoftmaxLayer",
+          "MaskLayer")
 
 
 def register(cls):

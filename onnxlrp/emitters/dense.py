@@ -5,7 +5,10 @@ import numpy as np
 
 from .._onnx_utils import const_value
 from ..rules.base import Params
+from .attention import BilinearMatMulEmitter
 from .base import Emitter, WeightBiasEmitter, register
+
+_BILINEAR = BilinearMatMulEmitter()
 
 
 @register
@@ -47,10 +50,15 @@ class MatMulEmitter(Emitter):
     group = "DenseLayer"
     absorbs_bias = True
 
+    def resolve(self, node, is_data):
+        if len(node.inputs) == 2 and all(is_data(t) for t in node.inputs):
+            return _BILINEAR  # q kᵀ, probs v: a product of two activations
+        return self
+
     def unsupported_reason(self, node, is_data):
         w = const_value(node.inputs[1])
         if w is None or not is_data(node.inputs[0]):
-            return "only x @ W with a constant W is a layer (a product of two data tensors is not supported)"
+            return "only x @ W with a constant W, or a product of two data tensors, is supported"
         if w.ndim != 2:
             return f"the constant weight has rank {w.ndim}, expected 2"
         return None

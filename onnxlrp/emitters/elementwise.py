@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from .._onnx_utils import const_value
 from ..rules.base import Params
+from .attention import ElementwiseProductEmitter, RuntimeScaleEmitter
 from .base import Emitter, register, unbroadcast
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus",
@@ -152,43 +153,76 @@ class ScaleEmitter(Emitter):
         return [unbroadcast(ctx, g, ctx.shape(layer.outputs[0]), ctx.shape(layer.inputs[0]))]
 
 
+#: Ops with parameters: a branch through one of them is a computation of its own (squeeze-excite), not
+#: an activation or a statistic of the signal.
+_PARAMETRIC = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
+
+
 def _depends_only_on(tensor, source, limit=64):
-    """Whether ``tensor`` is computed from ``source`` alone (through any number of nodes)."""
+    """Whether ``tensor`` is computed from ``source`` alone (through any number of parameter-free nodes)."""
     stack, seen = [tensor], set()
     while stack:
         t = stack.pop()
         if t is source or isinstance(t, gs.Constant) or t.name in seen:
             continue
         seen.add(t.name)
-        if not t.inputs or len(seen) > limit:
+        if not t.inputs or len(seen) > limit or t.inputs[0].op in _PARAMETRIC:
             return False
         stack.extend(t.inputs[0].inputs)
     return True
 
 
+def _scale_chain(tensor, depth=4):
+    """``tensor`` and the tensors it is a constant multiple of (0.5 * x in the tanh-GELU)."""
+    chain = [tensor]
+    for _ in range(depth):
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+            break
+        consts = [const_value(t) for t in node.inputs]
+        if consts[0] is None and consts[1] is not None:
+            tensor = node.inputs[0]
+        elif node.op == "Mul" and consts[0] is not None and consts[1] is None:
+            tensor = node.inputs[1]
+        else:
+            break
+        chain.append(tensor)
+    return chain
+
+
+def gate_signal(node):
+    """The operand index of the signal x in a gate x * f(x) (or x / f(x)): f is computed from x (or from a
+    tensor x is a constant multiple of) by parameter-free ops. None when the node is no gate."""
+    a, b = node.inputs[0], node.inputs[1]
+    orders = ((0, a, b),) if node.op == "Div" else ((0, a, b), (1, b, a))
+    for i, signal, gate in orders:
+        if any(_depends_only_on(gate, t) for t in _scale_chain(signal)):
+            return i
+    return None
+
+
+def is_gate(node):
+    return len(node.inputs) == 2 and gate_signal(node) is not None
+
+
 class GateEmitter(ActivationEmitter):
-    """x * g(x) (SiLU, Erf-GELU, HardSwish decompositions): relevance passes to x, the gate gets none."""
+    """x * g(x) (SiLU, Erf- and tanh-GELU, HardSwish decompositions, RMSNorm's x * rsqrt(mean(x²))): an
+    elementwise activation or a normalization by a statistic of x. Relevance passes to x (the identity
+    rule), the gate gets none."""
     op_types = ()
     group = "ActivationLayer"
 
-    def signal_index(self, node):
-        a, b = node.inputs[0], node.inputs[1]
-        if _depends_only_on(b, a):
-            return 0
-        if _depends_only_on(a, b):
-            return 1
-        return None
-
     def unsupported_reason(self, node, is_data):
-        if self.signal_index(node) is None:
-            return "a product of two data tensors that is not a gate x * f(x) (bilinear layers are not supported)"
+        if gate_signal(node) is None:
+            return "a product of two data tensors that is not a gate x * f(x)"
         return None
 
     def data_input_indices(self, node, is_data):
-        return [self.signal_index(node)]
+        return [gate_signal(node)]
 
 
 _MERGE, _SCALE, _GATE, _IDENTITY = MergeEmitter(), ScaleEmitter(), GateEmitter(), ActivationEmitter()
+_PRODUCT, _RUNTIME_SCALE = ElementwiseProductEmitter(), RuntimeScaleEmitter()
 
 
 @register
@@ -206,10 +240,15 @@ class ArithmeticEmitter(Emitter):
             # A sum with a tensor computed from another graph input (a model with several inputs,
             # explaining one): a merge in which the other operand acts like a bias.
             return _MERGE
-        if node.op == "Mul" and n_data == 2:
-            return _GATE
+        if node.op in ("Mul", "Div") and n_data == 2:
+            if is_gate(node):
+                return _GATE
+            return _PRODUCT if node.op == "Mul" else _UNSUPPORTED_ARITH
         if node.op == "Sum" and len(node.inputs) == 1:
             return _IDENTITY
+        if n_data == 1 and len(node.inputs) == 2 and node.op in ("Mul", "Div") and \
+                all(const_value(t) is None for t in node.inputs):
+            return _RUNTIME_SCALE  # scaled by a tensor computed from another input (a float mask)
         if n_data == 1 and len(node.inputs) == 2 and node.op in ("Add", "Sub", "Mul", "Div"):
             return _SCALE
         return _UNSUPPORTED_ARITH

@@ -5,7 +5,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .._onnx_utils import const_value
-from .base import Emitter, register
+from .base import Emitter, register, unbroadcast
 
 
 class ReshapingEmitter(Emitter):
@@ -23,11 +23,9 @@ class ReshapingEmitter(Emitter):
 
 @register
 class ReshapeEmitter(ReshapingEmitter):
-    op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Dropout", "Expand")
+    op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Dropout")
 
     def unsupported_reason(self, node, is_data):
-        if node.op == "Expand":
-            return "Expand duplicates values; relevance cannot be passed through it"
         if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
             return "the dropout mask is used by the graph"
         return super().unsupported_reason(node, is_data)
@@ -153,3 +151,55 @@ class PadEmitter(ReshapingEmitter):
         # Cropping the pads again is a negative pad.
         return [b.op("Pad", [relevance_out[0], b.i64([-p for p in pads[:rank]] + [-p for p in pads[rank:]])],
                      attrs={"mode": "constant"})]
+
+
+@register
+class ExpandEmitter(ReshapingEmitter):
+    """Expand copies values along broadcast axes: the copies' relevance is summed back onto the source
+    (as the gradient of a copy is the sum of its consumers' gradients)."""
+    op_types = ("Expand",)
+
+    def pass_through(self, ctx, layer, relevance_out):
+        return [unbroadcast(ctx, relevance_out[0], ctx.shape(layer.outputs[0]), ctx.shape(layer.inputs[0]))]
+
+
+@register
+class GatherEmitter(ReshapingEmitter):
+    """Gather of data at constant indices (the class token h[:, 0], the q/k/v unbind of a packed
+    projection): relevance goes back to the gathered positions, summed where an index repeats."""
+    op_types = ("Gather",)
+
+    def unsupported_reason(self, node, is_data):
+        if not is_data(node.inputs[0]) or is_data(node.inputs[1]):
+            return "only a Gather of data at indices that do not depend on the data is supported"
+        if const_value(node.inputs[1]) is None:
+            return "the Gather indices are not constants"
+        if node.attrs.get("axis", 0) == 0:
+            return "a Gather along the batch axis mixes samples"
+        return None
+
+    def pass_through(self, ctx, layer, relevance_out):
+        b, node = ctx.b, layer.node
+        shape = ctx.shape(layer.inputs[0])
+        rank = len(shape)
+        axis = node.attrs.get("axis", 0) % rank
+        size = shape[axis]
+        if not isinstance(size, (int, np.integer)):
+            raise ValueError(f"node '{layer.name}' (Gather) gathers along the dynamic axis {axis}")
+        idx = np.asarray(const_value(node.inputs[1])).astype(np.int64)
+        idx = np.where(idx < 0, idx + size, idx)
+        r = relevance_out[0]
+        if idx.ndim == 0:  # one position: put it back with zeros around it
+            r = b.op("Unsqueeze", [r, b.i64([axis])])
+            pads = [0] * (2 * rank)
+            pads[axis], pads[rank + axis] = int(idx), int(size - idx - 1)
+            return [b.op("Pad", [r, b.i64(pads)], attrs={"mode": "constant"})]
+        # Several positions: contract the index axis with a one-hot matrix (repeats add up).
+        if idx.ndim > 1:
+            flat_shape = [0 if i == 0 else d for i, d in enumerate(shape[:axis])] + [idx.size] + list(shape[axis + 1:])
+            r = b.op("Reshape", [r, b.i64(flat_shape)])
+        onehot = (idx.reshape(-1)[:, None] == np.arange(size)[None, :]).astype(b.dtype)
+        letters = "abcdefghijlmnopqrtuvwxyz"[:rank]
+        lhs = letters[:axis] + "k" + letters[axis + 1:]
+        out = letters[:axis] + "s" + letters[axis + 1:]
+        return [b.op("Einsum", [r, b.const(onehot)], attrs={"equation": f"{lhs},ks->{out}"})]
