@@ -289,7 +289,7 @@ def _transformer_map(epsilon, product_rule):
         "MaskLayer": PassRule(),
         "SoftmaxLayer": SoftmaxRule(),
         "AttentionLayer": product_rule,
-        "ProductLayer": UniformRule(),
+        "ProductLayer": product_rule,
     })
 
 

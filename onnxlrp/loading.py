@@ -198,6 +198,22 @@ def _explicit_ceil_mode_pools(graph: gs.Graph) -> bool:
 _SHAPE_ONLY_LIMIT = 4096
 
 
+def _value_shapes(model) -> dict:
+    """name -> (elem_type, dims) of every value with a shape (dims: int, a symbol name or None)."""
+    shapes = {}
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        ttype = info.type.tensor_type
+        if not ttype.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
+        shapes[info.name] = (ttype.elem_type, dims)
+    return shapes
+
+
+def _unknown_dims(dims, known_symbols) -> int:
+    return sum(1 for d in dims if not isinstance(d, int) and d not in known_symbols)
+
+
 def _infer_once(graph: gs.Graph) -> None:
     light = graph.copy()  # shares the numpy arrays
     typed_inputs = {}
@@ -208,14 +224,26 @@ def _infer_once(graph: gs.Graph) -> None:
                     typed_inputs[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
                 node.inputs[i] = typed_inputs[tensor.name]
     light.inputs.extend(typed_inputs.values())
-    model = onnx.shape_inference.infer_shapes(gs.export_onnx(light, do_type_check=False), data_prop=True)
-    inferred = {}
-    for info in list(model.graph.value_info) + list(model.graph.output):
-        ttype = info.type.tensor_type
-        if not ttype.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
-        inferred[info.name] = (ttype.elem_type, dims)
+    exported = gs.export_onnx(light, do_type_check=False)
+    model = onnx.shape_inference.infer_shapes(exported, data_prop=True)
+    inferred = _value_shapes(model)
+    batch = {BATCH_DIM}
+    if any(_unknown_dims(dims, batch) for _, dims in inferred.values()):
+        # onnx's data propagation stops at shapes computed from Shape(x) of a symbolic batch (legacy
+        # exports: Reshape(x, Concat(Shape(x)[:2], -1)), Expand(cls_token, Where(...))). onnxruntime's
+        # symbolic shape inference carries the symbols through; take its sizes where onnx had none.
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+            symbolic = _value_shapes(SymbolicShapeInference.infer_shapes(exported, auto_merge=True))
+        except Exception:  # a best effort: onnx's shapes stay as they are
+            symbolic = {}
+        for name, (elem_type, dims) in inferred.items():
+            better = symbolic.get(name)
+            if better is not None and len(better[1]) == len(dims) and _unknown_dims(dims, batch) > \
+                    _unknown_dims(better[1], batch):
+                inferred[name] = (elem_type, [BATCH_DIM if d == "batch" else d for d in better[1]])
+        for name, value in symbolic.items():
+            inferred.setdefault(name, value)
     for name, tensor in graph.tensors().items():
         if isinstance(tensor, gs.Variable) and name in inferred and tensor not in graph.inputs:
             elem_type, dims = inferred[name]

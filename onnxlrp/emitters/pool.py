@@ -163,9 +163,17 @@ def reduce_axes(node, rank):
 
 @register
 class ReduceMeanEmitter(Emitter):
-    """ReduceMean over any axes but the batch (e.g. a spatial mean in place of GlobalAveragePool)."""
-    op_types = ("ReduceMean",)
+    """ReduceMean / ReduceSum over any axes but the batch (e.g. a spatial mean in place of
+    GlobalAveragePool, the sum pooling of masked token embeddings)."""
+    op_types = ("ReduceMean", "ReduceSum")
     group = "PoolingLayer"
+
+    def _scale(self, ctx, layer):
+        """1/count for a mean, 1 for a sum."""
+        if layer.node.op == "ReduceSum":
+            return 1.0
+        shape = ctx.shape(layer.inputs[0])
+        return 1.0 / int(np.prod([shape[a] for a in reduce_axes(layer.node, len(shape))]))
 
     def unsupported_reason(self, node, is_data):
         if len(node.inputs) > 1 and node.inputs[1].name and const_value(node.inputs[1]) is None:
@@ -182,8 +190,8 @@ class ReduceMeanEmitter(Emitter):
         axes = reduce_axes(layer.node, len(ctx.shape(layer.inputs[0])))
         keep = layer.node.attrs.get("keepdims", 1)
         total = b.op("ReduceSum", [xs[0].var, b.i64(axes)], attrs={"keepdims": keep})
-        count = int(np.prod([ctx.shape(layer.inputs[0])[a] for a in axes]))
-        return b.op("Mul", [total, b.const(np.asarray(1.0 / count, dtype=b.dtype))])
+        scale = self._scale(ctx, layer)
+        return total if scale == 1.0 else b.op("Mul", [total, b.const(np.asarray(scale, dtype=b.dtype))])
 
     def backward(self, ctx, layer, s, params):
         b = ctx.b
@@ -191,9 +199,9 @@ class ReduceMeanEmitter(Emitter):
         shape = ctx.shape(x)
         axes = reduce_axes(layer.node, len(shape))
         if 0 in axes:
-            raise ValueError(f"node '{layer.name}' (ReduceMean) reduces over the batch axis")
+            raise ValueError(f"node '{layer.name}' ({layer.op_type}) reduces over the batch axis")
         if not layer.node.attrs.get("keepdims", 1):
             s = b.op("Unsqueeze", [s, b.i64(axes)])
-        count = int(np.prod([shape[a] for a in axes]))
         spread = ctx.expand_like(s, x)
-        return [b.op("Mul", [spread, b.const(np.asarray(1.0 / count, dtype=b.dtype))])]
+        scale = self._scale(ctx, layer)
+        return [spread if scale == 1.0 else b.op("Mul", [spread, b.const(np.asarray(scale, dtype=b.dtype))])]

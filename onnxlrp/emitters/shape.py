@@ -67,6 +67,13 @@ class ConcatEmitter(ReshapingEmitter):
         if axis == 0:
             raise ValueError(f"node '{layer.name}' (Concat) concatenates along the batch axis")
         sizes = [ctx.shape(t)[axis] for t in node.inputs]
+        unknown = [i for i, d in enumerate(sizes) if not isinstance(d, (int, np.integer))]
+        total = ctx.shape(layer.outputs[0])[axis]
+        if len(unknown) == 1 and isinstance(total, (int, np.integer)):
+            # e.g. a class token expanded to a run-time shape: its length is what the others leave over
+            sizes[unknown[0]] = int(total) - sum(int(d) for i, d in enumerate(sizes) if i != unknown[0])
+        elif unknown:
+            raise ValueError(f"node '{layer.name}' (Concat) joins inputs of unknown length along axis {axis}")
         parts = b.op("Split", [relevance_out[0], b.i64(sizes)], attrs={"axis": axis}, outputs=len(sizes))
         parts = parts if isinstance(parts, list) else [parts]
         data = {id(t) for t in layer.inputs}
