@@ -151,6 +151,12 @@ Rules (default: EpsilonPlus):
   -c EpsilonAlpha2Beta1       AlphaBeta(2,1) on convolutions, Epsilon on dense
   -c EpsilonPlusFlat          EpsilonPlus, Flat on the first convolution.
   -c EpsilonAlpha2Beta1Flat   EpsilonAlpha2Beta1, Flat on the first conv.
+  -c AttnLRP [--epsilon E]    Transformers (LXT's AttnLRP): LRP-0 (or
+                              Epsilon E) on linear layers, softmax rule,
+                              uniform rule on attention products,
+                              LayerNorm rule, identity on activations.
+  -c CPLRP [--epsilon E]      AttnLRP with attention probabilities held
+                              constant (relevance only through values).
   -r NAME                     One rule on every layer it fits; the others
                               keep the default (LRP-0 on linear layers,
                               pass-through on activations and reshapes).

@@ -420,8 +420,15 @@ Examples:
 
 @cli.command(context_settings=CONTEXT_SETTINGS, epilog=EXPLAIN_EPILOG)
 @model_argument
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUTS...", type=click.Path(path_type=str))
+@click.argument("inputs", nargs=-1, required=False, metavar="INPUTS...", type=click.Path(path_type=str))
 @rule_options
+@click.option("--text", "-t", multiple=True, metavar="TEXT",
+              help="Explain a model whose input is token ids on this text (repeatable); needs --tokenizer. "
+                   "Default rules then: AttnLRP.")
+@click.option("--text-file", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Explain every non-empty line of this UTF-8 file (like --text).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="A local tokenizer.json (Hugging Face `tokenizers` format) for --text / --text-file.")
 @click.option("--output-selection", "-k", type=click.IntRange(min=0), default=None, metavar="K",
               help="Explain output K (a class index) for every input. Default: each input's top class.")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -463,9 +470,9 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices on stderr (the results still print).")
 @skip_checks_option
 @debug_option
-def explain(model, inputs, output_selection, labels, out, force, save_npy, as_json, mean, std, no_normalize,
-            layout, input_shape, batch_size, device, reduce, rangescale, colormap, clip_percentile, overlay_alpha,
-            progress, quiet, skip_checks, **kwargs):
+def explain(model, inputs, text, text_file, tokenizer, output_selection, labels, out, force, save_npy, as_json, mean,
+            std, no_normalize, layout, input_shape, batch_size, device, reduce, rangescale, colormap, clip_percentile,
+            overlay_alpha, progress, quiet, skip_checks, **kwargs):
     """Explain MODEL's predictions on INPUTS with LRP: heatmaps and overlays.
 
     INPUTS are image files, folders of images, or .npy arrays. For each input, onnxlrp runs the
@@ -473,8 +480,24 @@ def explain(model, inputs, output_selection, labels, out, force, save_npy, as_js
     heatmap and an overlay PNG into --out. Without --composite or --rule the rules are EpsilonPlus;
     for images, EpsilonGammaBox with --low/--high bounding the normalized inputs is usually the
     better choice.
+
+    Models whose input is token ids (BERT, GPT-2, ...) take --text or --text-file with --tokenizer:
+    the coloured tokens are printed and an HTML heatmap is written into --out.
     """
-    spec_rules, desc = build_rules(**pop_rule_kwargs(kwargs))
+    rule_kwargs = pop_rule_kwargs(kwargs)
+    text_mode = bool(text) or text_file is not None
+    if text_mode:
+        if inputs:
+            raise click.UsageError("give INPUTS or --text/--text-file, not both")
+        if tokenizer is None:
+            raise click.UsageError("--text and --text-file need --tokenizer tokenizer.json")
+        if not rule_kwargs["composite"] and not rule_kwargs["rule"]:
+            rule_kwargs["composite"] = "AttnLRP"
+    elif not inputs:
+        raise click.UsageError("give INPUTS (images, folders, .npy arrays) or --text/--text-file")
+    elif tokenizer is not None:
+        raise click.UsageError("--tokenizer goes with --text or --text-file")
+    spec_rules, desc = build_rules(**rule_kwargs)
     if no_normalize and (mean is not None or std is not None):
         raise click.UsageError("--no-normalize and --mean/--std exclude each other")
     from ..heatmaps import colormap_lut
@@ -485,10 +508,22 @@ def explain(model, inputs, output_selection, labels, out, force, save_npy, as_js
 
     if not os.path.isfile(model):  # the model first: its error is the one a user expects to read
         raise CLIError(f"{model}: no such file" if not os.path.exists(model) else f"{model}: is not a file")
+    if text_mode:
+        from .text import explain_text, read_lines
+        lines = read_lines(text, text_file)
+        label_names = load_labels(labels) if labels else None
+        analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks)
+        explain_text(analyzer, model, lines, tokenizer, output_selection, label_names, out, force, as_json,
+                     batch_size, progress, quiet, desc,
+                     dict(rangescale=rangescale, colormap=colormap, percentile=clip_percentile))
+        return
     found = collect_inputs(inputs)
     label_names = load_labels(labels) if labels else None
     # verbose=False: the device is named in the closing line instead of a notice before any error
     analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks)
+    if analyzer.token_input:
+        raise CLIError(f"{model}: the model's input '{analyzer.data_input}' is token ids: explain text with "
+                       "--text or --text-file and --tokenizer tokenizer.json")
     if analyzer.other_inputs:
         raise CLIError(f"{model}: the model has more inputs ({', '.join(analyzer.other_inputs)}); "
                        "the command line explains single-input models (use the Python API)")
