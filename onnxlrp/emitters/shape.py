@@ -181,8 +181,14 @@ class GatherEmitter(ReshapingEmitter):
             return "only a Gather of data at indices that do not depend on the data is supported"
         if const_value(node.inputs[1]) is None:
             return "the Gather indices are not constants"
-        if node.attrs.get("axis", 0) == 0:
-            return "a Gather along the batch axis mixes samples"
+        shape = node.inputs[0].shape
+        if shape is None:
+            return "the gathered tensor has no inferred shape"
+        axis = node.attrs.get("axis", 0) % len(shape)
+        if not isinstance(shape[axis], (int, np.integer)):
+            # the batch axis (or another dynamic one): after a transpose the batch need not be axis 0
+            # (nn.MultiheadAttention unbinds q, k, v along a leading axis of 3)
+            return f"a Gather along the dynamic axis {axis} ({shape[axis]}) mixes samples"
         return None
 
     def pass_through(self, ctx, layer, relevance_out):
