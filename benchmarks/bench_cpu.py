@@ -318,14 +318,20 @@ def phase_profile(cfg):
                  "normalize_output_relevance": np.asarray(True)}
     rel_bytes = analyzer.relevance_model.SerializeToString()
     del analyzer
+    return profile_sessions([("forward", cfg["onnx"], lambda sess: {sess.get_inputs()[0].name: x}),
+                             ("relevance", rel_bytes, feeds_rel)], cfg["profile_runs"], cfg["cache_dir"])
+
+
+def profile_sessions(cases, runs, tmp_parent):
+    """ORT per-op profile of each ``(key, model, feeds)`` case (feeds: a dict, or a function of the
+    session returning one): one warm-up run, then ``runs`` profiled runs; {key: _summarize_profile}."""
     result = {}
-    tmp = tempfile.mkdtemp(prefix="onnxlrp_prof_", dir=cfg["cache_dir"])
-    for key, model, feeds in (("forward", cfg["onnx"], None), ("relevance", rel_bytes, feeds_rel)):
+    tmp = tempfile.mkdtemp(prefix="onnxlrp_prof_", dir=tmp_parent)
+    for key, model, feeds in cases:
         sess = _ort_session(model, profile_prefix=os.path.join(tmp, key))
-        if feeds is None:
-            feeds = {sess.get_inputs()[0].name: x}
+        if callable(feeds):
+            feeds = feeds(sess)
         sess.run(None, feeds)  # warmup (also profiled; dropped below)
-        runs = cfg["profile_runs"]
         for _ in range(runs):
             sess.run(None, feeds)
         prof = sess.end_profiling()
@@ -333,6 +339,7 @@ def phase_profile(cfg):
             events = json.load(f)
         result[key] = _summarize_profile(events, runs)
         os.remove(prof)
+        del sess
     os.rmdir(tmp)
     return result
 
@@ -540,7 +547,11 @@ def print_table(headers, rows, markdown):
         print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
-def print_profile(model, batch, prof, top):
+#: ops whose time bounds the relevance graph from below in --profile (VGG16 / ResNet50: convolutions)
+CONV_FLOOR = (("Conv", "ConvTranspose"), "convolutions")
+
+
+def print_profile(model, batch, prof, top, floor=CONV_FLOOR):
     print(f"\nORT profile, {model}, batch {batch} (kernel ms per run, CPU provider):")
     for key in ("forward", "relevance"):
         p = prof.get(key)
@@ -557,8 +568,8 @@ def print_profile(model, batch, prof, top):
     fwd, rel = prof.get("forward"), prof.get("relevance")
     if fwd and rel:
         # No graph of plain ONNX ops can be faster than its convolutions at forward-pass efficiency.
-        conv = sum(ms for op, ms in rel["by_op"] if op in ("Conv", "ConvTranspose"))
-        print(f"  floor: the relevance graph's convolutions alone take {conv:.1f} ms = "
+        conv = sum(ms for op, ms in rel["by_op"] if op in floor[0])
+        print(f"  floor: the relevance graph's {floor[1]} alone take {conv:.1f} ms = "
               f"{conv / fwd['kernel_ms']:.2f}x the whole forward pass; all other ops "
               f"{rel['kernel_ms'] - conv:.1f} ms = {(rel['kernel_ms'] - conv) / fwd['kernel_ms']:.2f}x")
 

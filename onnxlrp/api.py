@@ -40,7 +40,7 @@ def flatten_model(model) -> onnx.ModelProto:
 def _layers(model):
     loaded = load_model(model)
     canonize_graph(loaded.graph)
-    return build_layers(loaded.graph, loaded.data_input)
+    return build_layers(loaded.graph, loaded.explained)
 
 
 def lrp_rules(model, composite=None) -> list:

@@ -314,7 +314,7 @@ def check(model, input_shape):
 
     from ..analyzer import LRP
     from ..api import lrp_rules
-    from ..errors import UnsupportedModelError
+    from ..errors import InputError, UnsupportedModelError
     try:
         lrp_rules(model)
     except UnsupportedModelError as exc:
@@ -334,14 +334,18 @@ def check(model, input_shape):
     dims = input_shape
     if dims is None and shape is not None and all(isinstance(d, int) for d in shape[1:]):
         dims = tuple(shape[1:])
+    if dims is None and analyzer.token_input:  # any sequence length tests the graph
+        from ..loading import PROBE_SEQUENCE_LENGTH
+        dims = tuple(d if isinstance(d, int) else PROBE_SEQUENCE_LENGTH for d in shape[1:])
     if dims is None:
         click.echo("  the input has dynamic dims: pass --input-shape to also test the relevance graph")
         return
-    if analyzer.other_inputs:
-        click.echo(f"  the model has more inputs ({', '.join(analyzer.other_inputs)}): relevance graph not run")
-        return
     x = np.zeros((1, *dims), dtype=analyzer.input_dtype)
-    expl = analyzer.analyze(x)
+    try:
+        expl = analyzer.analyze(x)
+    except InputError as exc:  # another input without a default value
+        click.echo(f"  relevance graph not run: {exc}")
+        return
     if not np.all(np.isfinite(expl.val)):
         raise CLIError(f"{model}: the relevance graph ran but gave non-finite relevance on a zero input")
     click.echo(f"  relevance graph emitted and run on a zero input of shape {x.shape} ({analyzer.execution_device})")
@@ -390,7 +394,7 @@ Run it with onnxruntime alone (no onnxlrp needed):
   sess = ort.InferenceSession("{path}", providers=["CPUExecutionProvider"])
   x = ...  # {xshape} {dtype}, preprocessed like the model's input
   output, relevance, explained = sess.run(None, {{
-      "{x}": x,
+      "{x}": x,{others}
       "output_selection": np.full(len(x), -1, dtype=np.int64),  # -1 = each sample's top class
       "normalize_output_relevance": np.array(True)}})"""
 
@@ -453,8 +457,9 @@ def export(model, output, input_shape, force, quiet, skip_checks, **kwargs):
     elif static:
         dims = tuple(shape[1:])
     else:
+        example = "128 (the sequence length)" if analyzer.token_input else "3,224,224"
         raise CLIError(f"{model}: the input {fmt_shape(shape)} has dynamic dims besides the batch; pass "
-                       "--input-shape with the dims after the batch axis, e.g. --input-shape 3,224,224")
+                       f"--input-shape with the dims after the batch axis, e.g. --input-shape {example}")
     tmp = f"{output}.partial-{os.getpid()}"
     try:
         analyzer.save(tmp, input_shape=dims)
@@ -472,8 +477,12 @@ def export(model, output, input_shape, force, quiet, skip_checks, **kwargs):
     click.echo("")
     click.echo(saved.doc_string)
     click.echo("")
+    others = "".join(f'\n      "{name}": ...,  # {analyzer._other_info[name][0]}, the model\'s input'
+                     for name in analyzer.other_inputs)
+    if analyzer.sequence_output:
+        others += '\n      "output_position": np.full(len(x), -1, dtype=np.int64),  # -1 = the last position'
     click.echo(USAGE_SNIPPET.format(path=output, x=analyzer.data_input, xshape=fmt_shape(("N",) + dims),
-                                    dtype=analyzer.input_dtype))
+                                    dtype=analyzer.input_dtype, others=others))
 
 
 from . import explain as _explain  # noqa: E402,F401  (registers the explain command)
