@@ -45,6 +45,10 @@ class UniformRule(Rule):
         shares = self.shares(layer)
         z = layer.outputs[0]
         s = b.op("Div", [relevance_out[0], self.modify_denominator(ctx.sym(z, z)).var])
+        nonzero = {w for w in shares if w != 0}
+        common = nonzero.pop() if len(nonzero) == 1 else 1.0
+        if common != 1.0:  # one share for every operand: scale the cotangent once, not each product
+            s = b.op("Mul", [s, b.const(np.asarray(common, dtype=b.dtype))])
         grads = layer.emitter.operand_grads(ctx, layer, s, [w != 0 for w in shares])
         result = []
         for x, g, w in zip(layer.inputs, grads, shares):
@@ -52,6 +56,7 @@ class UniformRule(Rule):
                 result.append(None)  # no relevance: the operand's branch is not propagated at all
                 continue
             r = b.op("Mul", [x, g])
+            w = w / common
             result.append(r if w == 1 else b.op("Mul", [r, b.const(np.asarray(w, dtype=b.dtype))]))
         return result
 
