@@ -98,6 +98,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from onnx_files import strip_stack_traces  # noqa: E402
 from zennit_compat import import_zennit, residual_sum_canonizer  # noqa: E402
 
 zennit = import_zennit()
@@ -652,31 +653,7 @@ def export_dynamo(model: nn.Module, dummy: torch.Tensor, path: Path) -> None:
             external_data=False,
             optimize=True,
         )
-    _strip_stack_traces(path)
-
-
-def _strip_stack_traces(path: Path) -> None:
-    """Drop the dynamo exporter's per-node ``pkg.torch.onnx.stack_trace`` metadata.
-
-    It embeds absolute source paths and line numbers of this machine, which would make
-    the committed files non-reproducible; the remaining metadata (namespace, name scopes,
-    class hierarchy, fx node) is kept.
-    """
-    model = onnx.load(str(path))
-
-    def strip(graph):
-        for node in graph.node:
-            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-            del node.metadata_props[:]
-            node.metadata_props.extend(keep)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    strip(attr.g)
-                for g in attr.graphs:
-                    strip(g)
-
-    strip(model.graph)
-    onnx.save(model, str(path))
+    strip_stack_traces(path)
 
 
 def onnx_summary(path: Path) -> dict:

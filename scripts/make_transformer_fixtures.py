@@ -119,6 +119,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from onnx_files import iter_nodes, strip_stack_traces  # noqa: E402
 from zennit_compat import install_torchvision_stub  # noqa: E402
 
 FAMILIES = ["bert", "distilbert", "roberta", "gpt2", "vit", "timm_vit", "torch_encoder"]
@@ -939,30 +940,7 @@ def export(family: str, model: nn.Module, args: list, path: Path, dynamo: bool, 
         torch.onnx.export(wrapper, tuple(args), str(path), dynamo=True, opset_version=opset,
                           input_names=INPUT_NAMES[family], output_names=["logits"],
                           dynamic_shapes=shapes, optimize=True)
-    _strip_stack_traces(path)
-
-
-def _strip_stack_traces(path: Path) -> None:
-    """Drop the dynamo exporter's per-node ``pkg.torch.onnx.stack_trace`` metadata (absolute
-    paths / line numbers of this machine: would make the files non-reproducible).  The model is
-    loaded WITHOUT its external data and saved back as is, so the ``.onnx.data`` file the
-    exporter wrote and its (relative) location stay untouched."""
-    import onnx
-    model = onnx.load(str(path), load_external_data=False)
-
-    def strip(graph):
-        for node in graph.node:
-            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-            del node.metadata_props[:]
-            node.metadata_props.extend(keep)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    strip(attr.g)
-                for g in attr.graphs:
-                    strip(g)
-
-    strip(model.graph)
-    onnx.save(model, str(path))
+    strip_stack_traces(path)
 
 
 def external_data_files(path: Path) -> list[str]:
@@ -983,17 +961,8 @@ def op_counts(path: Path) -> dict:
     import onnx
     model = onnx.load(str(path), load_external_data=False)
     counts = collections.Counter()
-
-    def visit(graph):
-        for node in graph.node:
-            counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-
-    visit(model.graph)
+    for node in iter_nodes(model.graph):
+        counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
     for fn in model.functions:  # none expected (dynamo's optimizer inlines), listed if present
         for node in fn.node:
             counts[f"{fn.name}/{node.op_type}"] += 1
