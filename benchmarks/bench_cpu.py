@@ -322,16 +322,17 @@ def phase_profile(cfg):
                              ("relevance", rel_bytes, feeds_rel)], cfg["profile_runs"], cfg["cache_dir"])
 
 
-def profile_sessions(cases, runs, tmp_parent):
+def profile_sessions(cases, runs, tmp_parent, warmup=1):
     """ORT per-op profile of each ``(key, model, feeds)`` case (feeds: a dict, or a function of the
-    session returning one): one warm-up run, then ``runs`` profiled runs; {key: _summarize_profile}."""
+    session returning one): ``warmup`` runs, then ``runs`` profiled runs; {key: _summarize_profile}."""
     result = {}
     tmp = tempfile.mkdtemp(prefix="onnxlrp_prof_", dir=tmp_parent)
     for key, model, feeds in cases:
         sess = _ort_session(model, profile_prefix=os.path.join(tmp, key))
         if callable(feeds):
             feeds = feeds(sess)
-        sess.run(None, feeds)  # warmup (also profiled; dropped below)
+        for _ in range(warmup):  # also profiled; dropped below
+            sess.run(None, feeds)
         for _ in range(runs):
             sess.run(None, feeds)
         prof = sess.end_profiling()

@@ -28,8 +28,9 @@ state dict, which the LXT phase loads, so all phases run on the same weights and
 Every phase runs in a fresh spawn child (bench_cpu.run_phase), so its peak RSS is its own.  Latency = median of
 ``--repeats`` calls after ``--warmup`` (``--repeats-large`` for batches >= 8).  Exactness: after the timed calls
 each relevance phase runs once more -- onnxlrp with ``normalize_output_relevance=False`` (seed = the logit's
-value, LXT's input x gradient form) -- and the driver prints the per-sample relative L2 of onnxlrp's relevance
-against LXT's, and the logits' agreement.  ``--profile`` runs onnxruntime's profiler on the relevance graph and
+value, LXT's input x gradient form), LXT also in float64 (``--no-float64`` skips it) -- and the driver prints
+the per-sample relative L2 of onnxlrp's relevance against LXT's (and of both against LXT in float64: the
+float32 noise floor), and the logits' agreement.  ``--profile`` runs onnxruntime's profiler on the relevance graph and
 the forward graph (``--profile-batch``, default the largest) and prints the top ops by time.
 
 Usage:
@@ -279,7 +280,7 @@ def phase_profile(cfg):
     rel_bytes = an.relevance_model.SerializeToString()
     del an
     return bc.profile_sessions([("forward", cfg["onnx"], feeds), ("relevance", rel_bytes, rel_feeds)],
-                               cfg["profile_runs"], cfg["cache_dir"])
+                               cfg["profile_runs"], cfg["cache_dir"], warmup=cfg["warmup"])
 
 
 PHASES = {"tf_export": phase_export, "tf_fwd": phase_fwd, "tf_onnxlrp": phase_onnxlrp, "tf_lxt": phase_lxt,
@@ -319,6 +320,18 @@ def compare(model, batch, cache_dir):
 # ------------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------------
+def matmul_gflops(reps=5):
+    """The driver's float32 matmul speed (numpy, [1024, 768] x [768, 3072]) just before a phase starts: a
+    probe for a machine slowed by something else (a shared host shows it here, not as steal time)."""
+    import numpy as np
+    a, b = np.ones((1024, 768), np.float32), np.ones((768, 3072), np.float32)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * 1024 * 768 * 3072 * reps / (time.perf_counter() - t0) / 1e9
+
+
 def _mark(value, target, at_most):
     if value is None:
         return "-"
@@ -354,14 +367,15 @@ def detail_rows(results):
                      bc._get(res, "lxt", "setup"), bc._get(res, "onnxlrp", "first", 1e3, ".0f"),
                      bc._spread(res, "fwd"), bc._spread(res, "onnxlrp"), bc._spread(res, "lxt")]
                     + [bc._get(res, k, f, 1, ".0f") for k in ("onnxlrp", "lxt") for f in ("base_rss", "run_rss")]
-                    + [str((res.get("onnxlrp") or {}).get("relevance_nodes", "-"))])
+                    + [str((res.get("onnxlrp") or {}).get("relevance_nodes", "-"))]
+                    + ["/".join(bc._get(res, k, "probe_gflops", 1, ".0f") for k in ("fwd", "onnxlrp", "lxt"))])
     return rows
 
 
 DETAIL_HEADERS = ["model", "batch", "ORT session s", "onnxlrp construct s", "LXT patch+build s",
                   "onnxlrp 1st call ms", "fwd min-max ms", "onnxlrp min-max ms", "LXT min-max ms",
                   "onnxlrp base MiB", "onnxlrp calls peak MiB", "LXT base MiB", "LXT calls peak MiB",
-                  "relevance graph nodes"]
+                  "relevance graph nodes", "probe GFLOPS fwd/onnxlrp/LXT"]
 
 
 def print_checks(checks):
@@ -378,8 +392,9 @@ def print_checks(checks):
               f"{', '.join(f'{v:.3f}' for v in c['conservation_onnxlrp'])}; LXT "
               f"{', '.join(f'{v:.3f}' for v in c['conservation_lxt'])}")
         if "rel_l2_lxt32_vs_lxt64" in c:
-            print(f"      vs LXT in float64 (the float32 noise floor): onnxlrp max {max(c['rel_l2_onnxlrp_vs_lxt64']):.2e}, "
-                  f"LXT float32 max {max(c['rel_l2_lxt32_vs_lxt64']):.2e} (per sample onnxlrp "
+            print(f"      vs LXT in float64 (the float32 noise floor): onnxlrp max "
+                  f"{max(c['rel_l2_onnxlrp_vs_lxt64']):.2e}, LXT float32 max {max(c['rel_l2_lxt32_vs_lxt64']):.2e} "
+                  f"(per sample onnxlrp "
                   f"{', '.join(f'{v:.1e}' for v in c['rel_l2_onnxlrp_vs_lxt64'])}; LXT32 "
                   f"{', '.join(f'{v:.1e}' for v in c['rel_l2_lxt32_vs_lxt64'])}); same selection in float64="
                   f"{c['same_selection64']}")
@@ -394,7 +409,8 @@ def report(info, results, checks, profiles, markdown, top):
           "Each phase runs in its own spawned process: peak MiB = its ru_maxrss (imports + setup + calls); base = "
           "after imports; calls peak = high-water mark during warmup + timed calls (reset via /proc/self/clear_refs). "
           "onnxlrp construct = LRP() + emitting the graph for the input shape + its session; LXT patch+build = "
-          "patches + model build + load_state_dict. Setup is excluded from the latencies.")
+          "patches + model build + load_state_dict. Setup is excluded from the latencies. probe GFLOPS = numpy "
+          "float32 matmul speed in the driver just before each phase (a drop = the machine was busy).")
     print_checks(checks)
     for (model, batch), p in profiles.items():
         if "error" in p:
@@ -426,8 +442,9 @@ def main(argv=None):
     ap.add_argument("--models", default="vit,bert")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--repeats-large", type=int, default=3, help="repeats for batches >= 8")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats-large", type=int, default=4, help="repeats for batches >= 8")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed calls first (onnxruntime's arena still grows, with page faults, in call 2)")
     ap.add_argument("--skip-lxt", action="store_true", help="skip the LXT phase (and the exactness check)")
     ap.add_argument("--no-float64", action="store_true",
                     help="skip the float64 LXT run (after the timing) that gives the check its float32 noise floor")
@@ -463,8 +480,8 @@ def main(argv=None):
     info.update(torch_threads=threads, physical_cores=bc.physical_cores(),
                 ort_intra_op_threads="default (onnxruntime: one per physical core)")
     bc.print_machine(info, args.markdown)
-    print(f"Config: models={models} batches={batches} warmup={args.warmup} repeats={args.repeats} "
-          f"(batches >= 8: {args.repeats_large}) (median), onnxlrp AttnLRP, LXT={'skipped' if args.skip_lxt else 'AttnLRP'}")
+    print(f"Config: models={models} batches={batches} warmup={args.warmup} repeats={args.repeats} (batches >= 8: "
+          f"{args.repeats_large}) (median), onnxlrp AttnLRP, LXT={'skipped' if args.skip_lxt else 'AttnLRP'}")
     sys.stdout.flush()
 
     paths = {}
@@ -488,8 +505,10 @@ def main(argv=None):
                        float64=not args.no_float64)
             res = {}
             for phase in phases:
+                gflops = matmul_gflops()
                 t0 = time.perf_counter()
                 res[phase] = bc.run_phase("tf_" + phase, cfg)
+                res[phase]["probe_gflops"] = gflops
                 print(f"[{m} b{b}] {phase}: median {bc._fmt(bc._med_ms(res[phase]), '.1f')} ms "
                       f"(phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             results[(m, b)] = res
@@ -498,7 +517,7 @@ def main(argv=None):
         if args.profile:
             pb = args.profile_batch or max(batches)
             profiles[(m, pb)] = bc.run_phase("tf_profile", dict(model=m, batch=pb, onnx=paths[m],
-                                                                cache_dir=str(cache_dir),
+                                                                cache_dir=str(cache_dir), warmup=args.warmup,
                                                                 profile_runs=args.profile_runs))
 
     info["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
