@@ -13,6 +13,7 @@ from .emitters import GROUPS
 from .errors import RuleCompatibilityError
 from .rules import (AlphaBetaRule, CPRule, EpsilonRule, FlatRule, GammaRule, LayerNormRule, PassRule, Rule,
                     SoftmaxRule, UniformRule, ZBoxRule, ZeroRule, ZPlusRule)
+from .rules.attention import GRADIENT_STABILIZER
 from .rules.base import DEFAULT_EPSILON, DEFAULT_GAMMA
 
 
@@ -273,7 +274,8 @@ def _transformer_map(epsilon, product_rule):
     identity on activations, LayerNorm with its standard deviation held constant."""
     if epsilon < 0 or not epsilon == epsilon:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    linear = ZeroRule() if epsilon == 0 else EpsilonRule(epsilon)
+    # epsilon=0 is LXT's LRP-0: only exact zeros are guarded (see GRADIENT_STABILIZER)
+    linear = EpsilonRule(epsilon if epsilon > 0 else GRADIENT_STABILIZER)
     return GlobalTypeMap({
         "ConvLayer": linear,
         "DenseLayer": linear,
@@ -281,7 +283,7 @@ def _transformer_map(epsilon, product_rule):
         "MergeLayer": linear,
         "PoolingLayer": linear,
         "BatchNormalization": linear,
-        "LayerNormalization": LayerNormRule(),
+        "LayerNormalization": LayerNormRule(GRADIENT_STABILIZER),
         "NormalizationLayer": PassRule(),
         "DropoutLayer": PassRule(),
         "ReshapingLayer": PassRule(),
@@ -297,13 +299,13 @@ def AttnLRP(epsilon=0.0):
     """AttnLRP (Achtibat et al., ICML 2024) as LXT 2.1's efficient rules: LRP-0 on linear layers (or
     Epsilon with ``epsilon`` > 0), the softmax rule, the uniform rule on q kᵀ, probs v and other products
     of two activations, LayerNormRule, and the identity rule on activations."""
-    return Composite(_transformer_map(epsilon, UniformRule()), name="AttnLRP")
+    return Composite(_transformer_map(epsilon, UniformRule(GRADIENT_STABILIZER)), name="AttnLRP")
 
 
 def CPLRP(epsilon=0.0):
     """CP-LRP (Ali et al., ICML 2022) as LXT's ``cp_LRP``: AttnLRP with the attention probabilities held
     constant, so relevance flows through the values only, never into queries and keys."""
-    return Composite(_transformer_map(epsilon, CPRule()), name="CPLRP")
+    return Composite(_transformer_map(epsilon, CPRule(GRADIENT_STABILIZER)), name="CPLRP")
 
 
 PRESETS = {f.__name__: f for f in (EpsilonGammaBox, EpsilonPlus, EpsilonAlpha2Beta1, EpsilonPlusFlat,

@@ -122,4 +122,5 @@ def test_layer_listing_shows_the_attention_groups():
     groups = {l.group for l in a.layers}
     assert {"AttentionLayer", "SoftmaxLayer", "DenseLayer", "MaskLayer"} <= groups
     rules = {type(rule).__name__ for rule in a.rules}
-    assert {"SoftmaxRule", "UniformRule", "LayerNormRule", "ZeroRule", "PassRule"} <= rules
+    assert {"SoftmaxRule", "UniformRule", "LayerNormRule", "EpsilonRule", "PassRule"} <= rules
+    assert all(r.epsilon == 1e-30 for r in a.rules if hasattr(r, "epsilon"))  # LXT divides nowhere

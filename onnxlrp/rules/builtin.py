@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_GAMMA, Group,
+from .base import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_EPSILON, DEFAULT_GAMMA, DEFAULT_STABILIZER, Group,
                    Params, Rule, Term, with_params)
 from .expr import keep_negative, keep_positive, ones_like, stabilize
 
@@ -207,13 +207,15 @@ class GeneralizedGammaRule(Rule):
 
 @dataclass(eq=False, repr=False)
 class LayerNormRule(Rule):
-    """LRP-LN (Ali et al.): the normalization's centering is linear, its scale is held constant."""
+    """LRP-LN (Ali et al.): the normalization's centering is linear, its scale is held constant.
+    ``epsilon`` stabilizes the division by the centered input x - mean(x)."""
+    epsilon: float = DEFAULT_STABILIZER
 
     def is_compatible(self, layer):
         return hasattr(layer.emitter, "emit_layernorm_rule")
 
     def emit(self, ctx, layer, relevance_out):
-        return layer.emitter.emit_layernorm_rule(ctx, layer, relevance_out)
+        return layer.emitter.emit_layernorm_rule(ctx, layer, relevance_out, epsilon=self.epsilon)
 
 
 ALL_RULES = {c.__name__: c for c in (ZeroRule, EpsilonRule, GammaRule, WSquareRule, FlatRule, AlphaBetaRule,
