@@ -12,7 +12,7 @@ from .errors import InputError, LRPError
 from .explanation import Explanation
 from .layers import build_layers
 from .loading import BATCH_DIM, load_model
-from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_model,
+from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
                        export_relevance_model)
 from .rules import Rule
 from .runtime import cuda_provider_options, make_session, session_device
@@ -135,13 +135,12 @@ class LRP:
                                yshape=_fmt_shape(y.shape or ("?",)), rshape=_fmt_shape(r.shape or ("?",)),
                                explained="the input" if not self.token_input else
                                f"the embedding output '{self.explained}'", rules=self.rules_listing())
-        model = emit_relevance_model(graph, layers, self.rules, self.data_input, self.opset,
-                                     layer_relevances=self.layer_relevances, doc=doc,
-                                     concept_layer=concept_layer, explained=self.explained,
-                                     sequence_output=self.sequence_output)
-        session = make_session(model.SerializeToString(), self.device, verbose=self.verbose,
-                               cuda_options=self.cuda_options)
-        del model  # the graph keeps the arrays; relevance_model exports it again on demand
+        emit_relevance_graph(graph, layers, self.rules, self.data_input,
+                             layer_relevances=self.layer_relevances, concept_layer=concept_layer,
+                             explained=self.explained, sequence_output=self.sequence_output)
+        model_bytes = export_relevance_model(graph, self.opset, doc).SerializeToString()  # the proto goes
+        session = make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
+        del model_bytes  # the graph keeps the arrays; relevance_model exports it again on demand
         built[key] = ((graph, doc), session)
         self._out_shapes[feature_shape] = tuple(y.shape) if y.shape is not None else None
         return built[key]

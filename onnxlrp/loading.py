@@ -304,6 +304,16 @@ def _embedding_output(graph: gs.Graph, token_input: gs.Variable, source: str):
     return output, int(vocab)
 
 
+def _materialize_constants(graph: gs.Graph) -> None:
+    """Read every lazily loaded weight once. gs reads a LazyValues constant anew on each access, so
+    the rules, the emitters and the session would each hold their own copy of the weights, and the
+    ModelProto behind them would stay alive."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+            tensor.values = tensor._values.load()
+
+
 def load_model(model, input_name: str | None = None, feature_shape=None) -> LoadedModel:
     """Read and normalize a model given as a path or an onnx.ModelProto. ``feature_shape`` (the data
     input's shape without the batch axis) fixes dynamic axes before constants are folded, so that shapes
@@ -368,6 +378,9 @@ def load_model(model, input_name: str | None = None, feature_shape=None) -> Load
         raise ModelLoadError(f"{source}: constant folding failed: {exc}") from None
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph = _infer_shapes(graph, source)
+    _materialize_constants(graph)
+    opset = max(default_opset(proto), MIN_EMIT_OPSET)
+    del proto  # the graph holds every array now
     data_input = next(t for t in graph.inputs if t.name == data_input.name)
     others = [t.name for t in graph.inputs if isinstance(t, gs.Variable) and t is not data_input]
     explained, vocab = data_input.name, None
@@ -375,5 +388,5 @@ def load_model(model, input_name: str | None = None, feature_shape=None) -> Load
         embedding, vocab = _embedding_output(graph, data_input, source)
         explained = embedding.name
     return LoadedModel(graph=graph, source=source, data_input=data_input.name, other_inputs=others,
-                       opset=max(default_opset(proto), MIN_EMIT_OPSET), explained=explained,
+                       opset=opset, explained=explained,
                        declared_shape=declared, vocab_size=vocab)

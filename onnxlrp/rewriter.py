@@ -200,10 +200,9 @@ def _select_outputs(ctx, y, selection, position):
     return flat_y, b.op("Where", [negative, top, selection])
 
 
-def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset: int,
-                         layer_relevances=False, doc="", concept_layer=None, explained=None,
-                         sequence_output=False):
-    """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place) and export it.
+def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_relevances=False,
+                         concept_layer=None, explained=None, sequence_output=False):
+    """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place).
 
     ``explained`` names the tensor whose relevance is the output (default: the data input; for token
     models the embedding lookup's output). With ``sequence_output`` the graph gets an input
@@ -286,7 +285,6 @@ def emit_relevance_model(graph: gs.Graph, layers, rules, data_input: str, opset:
         graph.inputs.append(concept_mask)
     graph.outputs = outputs
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return export_relevance_model(graph, opset, doc)
 
 
 def export_relevance_model(graph: gs.Graph, opset: int, doc="") -> onnx.ModelProto:

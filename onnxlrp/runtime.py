@@ -55,6 +55,10 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The relevance graph keeps most forward tensors alive until the backward pass reads them; with
+    # memory patterns on, onnxruntime's arena held 1.5x more (ViT-B batch 8: 5.9 GB peak instead of
+    # 4.0 GB) and the second run re-planned slowly. ResNet50 runs within 3 % either way.
+    options.enable_mem_pattern = False
     options.log_severity_level = 3
     ort.set_default_logger_severity(3)  # graph-optimizer warnings are not the user's business
     available = ort.get_available_providers()

@@ -87,7 +87,16 @@ class MatMulEmitter(Emitter):
         return y
 
     def backward(self, ctx, layer, s, params):
-        return [ctx.b.op("MatMul", [s, ctx.b.const(np.ascontiguousarray(params.weight.T))])]
+        # s Wᵀ as a Gemm with transB on the rows of s: a MatMul would need a transposed copy of W
+        b, x = ctx.b, layer.inputs[0]
+        weight = b.const(params.weight)
+        if len(ctx.shape(x)) == 2:
+            return [b.op("Gemm", [s, weight], attrs={"transB": 1})]
+        rows = b.op("Reshape", [s, b.i64([-1, params.weight.shape[1]])])
+        g = b.op("Gemm", [rows, weight], attrs={"transB": 1})
+        tail = ctx._static_tail(x)
+        target = b.i64([-1] + tail) if tail is not None else b.op("Shape", [x])
+        return [b.op("Reshape", [g, target])]
 
     def out_channels(self, weight, node):
         return weight.shape[1]
