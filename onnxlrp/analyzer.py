@@ -114,6 +114,19 @@ class LRP:
         key = feature_shape if concept_layer is None else (feature_shape, concept_layer)
         if key in built:
             return built[key]
+        graph, doc = self._emit(feature_shape, concept_layer)
+        model_bytes = export_relevance_model(graph, self.opset, doc).SerializeToString()  # the proto goes
+        self._out_shapes[feature_shape] = tuple(graph.outputs[0].shape) if graph.outputs[0].shape else None
+        # The session holds what it needs; the emitted graph (with its modified weights) is let go, and
+        # relevance_model / save emit it again.
+        del graph
+        session = make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
+        del model_bytes
+        built[key] = ((feature_shape, concept_layer), session)
+        return built[key]
+
+    def _emit(self, feature_shape, concept_layer=None):
+        """The canonized graph for this input shape with the relevance pass added, and its doc string."""
         if feature_shape == self._canonical_shape:
             graph = self._canonical.copy()
         else:
@@ -122,6 +135,7 @@ class LRP:
             loaded = load_model(self._model, self._input_name, feature_shape)
             canonize_graph(loaded.graph)
             graph = loaded.graph
+            _share_arrays(graph, self._canonical)
         layers = build_layers(graph, self.explained, strict=not self.skip_checks)
         if [l.op_type for l in layers] != [l.op_type for l in self.layers]:
             raise LRPError(f"{self.source}: the graph has a different layer structure for input shape "
@@ -138,15 +152,10 @@ class LRP:
         emit_relevance_graph(graph, layers, self.rules, self.data_input,
                              layer_relevances=self.layer_relevances, concept_layer=concept_layer,
                              explained=self.explained, sequence_output=self.sequence_output)
-        model_bytes = export_relevance_model(graph, self.opset, doc).SerializeToString()  # the proto goes
-        session = make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
-        del model_bytes  # the graph keeps the arrays; relevance_model exports it again on demand
-        built[key] = ((graph, doc), session)
-        self._out_shapes[feature_shape] = tuple(y.shape) if y.shape is not None else None
-        return built[key]
+        return graph, doc
 
     def _export(self, built):
-        graph, doc = built[0]
+        graph, doc = self._emit(*built[0])
         return export_relevance_model(graph, self.opset, doc)
 
     @property
@@ -334,6 +343,19 @@ class LRP:
 
     def __repr__(self):
         return f"LRP(\n{self.rules_listing()}\n)"
+
+
+def _share_arrays(graph, canonical):
+    """Let ``graph`` (the model loaded again for another input shape) use the arrays of ``canonical``
+    where a constant has the same name and value, so each weight is held once."""
+    import onnx_graphsurgeon as gs
+    known = {name: t for name, t in canonical.tensors().items() if isinstance(t, gs.Constant)}
+    for name, tensor in graph.tensors().items():
+        other = known.get(name)
+        if isinstance(tensor, gs.Constant) and other is not None and tensor.values is not other.values:
+            a, b = np.asarray(tensor.values), np.asarray(other.values)
+            if a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b):
+                tensor.values = b
 
 
 def _fmt_shape(shape):
