@@ -71,6 +71,7 @@ class LRP:
         self._canonical = loaded.graph  # emission works on copies (they share the weight arrays)
         self.layers = build_layers(loaded.graph, self.explained, strict=not skip_checks)
         self.rules = self._resolve_rules(rules_or_composite)
+        _confirm_relu_outputs(self.layers, self.rules)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
         self._canonical_shape = tuple(x.shape[1:]) if x.shape is not None else None
         self.input_shape = loaded.declared_shape
@@ -137,6 +138,7 @@ class LRP:
             graph = loaded.graph
             _share_arrays(graph, self._canonical)
         layers = build_layers(graph, self.explained, strict=not self.skip_checks)
+        _confirm_relu_outputs(layers, self.rules)
         if [l.op_type for l in layers] != [l.op_type for l in self.layers]:
             raise LRPError(f"{self.source}: the graph has a different layer structure for input shape "
                            f"{feature_shape}")
@@ -343,6 +345,37 @@ class LRP:
 
     def __repr__(self):
         return f"LRP(\n{self.rules_listing()}\n)"
+
+
+def _confirm_relu_outputs(layers, rules):
+    """Keep a layer's ``relu_output`` mark (GeneralizedGammaRule then drops its z < 0 group) only where the
+    relevance reaching the layer's output is a multiple of the activations, so that it is 0 wherever the
+    ReLU's output is: every layer reading it (through pass-through layers) must use a rule that multiplies
+    by its input. WSquare, Flat, ZBox or a rule of the user's may give relevance to zero activations."""
+    from .rules import (AlphaBetaRule, EpsilonRule, GammaRule, GeneralizedGammaRule, PassRule, ZeroRule,
+                        ZPlusRule)
+    proportional_rules = (ZeroRule, EpsilonRule, GammaRule, GeneralizedGammaRule, ZPlusRule, AlphaBetaRule)
+    readers = {}
+    for layer in layers:
+        for t in layer.inputs:
+            readers.setdefault(t.name, []).append(layer)
+
+    def proportional(name, depth=8):
+        found = readers.get(name, [])
+        if not found or depth == 0:
+            return False  # a graph output (the seed) or too far to look
+        for layer in found:
+            rule = rules[layer.index]
+            if type(rule) is PassRule:
+                if not all(proportional(t.name, depth - 1) for t in layer.outputs):
+                    return False
+            elif type(rule) not in proportional_rules:
+                return False
+        return True
+
+    for layer in layers:
+        if layer.extra.get("relu_output") and not proportional(layer.outputs[0].name):
+            layer.extra["relu_output"] = False
 
 
 def _share_arrays(graph, canonical):

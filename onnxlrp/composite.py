@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .emitters import GROUPS
 from .errors import RuleCompatibilityError
-from .rules import (AlphaBetaRule, CPRule, EpsilonRule, FlatRule, GammaRule, LayerNormRule, PassRule, Rule,
+from .rules import (AlphaBetaRule, CPRule, EpsilonRule, FlatRule, GeneralizedGammaRule, LayerNormRule,
+                    PassRule, Rule,
                     SoftmaxRule, UniformRule, ZBoxRule, ZeroRule, ZPlusRule)
 from .rules.attention import GRADIENT_STABILIZER
 from .rules.base import DEFAULT_EPSILON, DEFAULT_GAMMA
@@ -242,8 +243,14 @@ def _base_map(conv_rule, epsilon):
 
 
 def EpsilonGammaBox(low, high, *, epsilon=DEFAULT_EPSILON, gamma=DEFAULT_GAMMA):
-    """Gamma on convolutions, Epsilon on dense layers, ZBox(low, high) on the first convolution."""
-    return Composite(_base_map(GammaRule(gamma), epsilon),
+    """Gamma on convolutions, Epsilon on dense layers, ZBox(low, high) on the first convolution.
+
+    The Gamma rule is the generalized one (GeneralizedGammaRule, Zennit's Gamma): it equals the plain
+    GammaRule wherever that is well defined (a ReLU after the layer, non-negative inputs and positive
+    outputs) and stays stable where relevance reaches outputs z < 0 (residual branches, separable and
+    pre-activation convolutions), where the plain rule's denominator z + gamma (W+ a + b+) crosses zero
+    and relevance explodes. Put GammaRule in a composite of your own for the plain rule."""
+    return Composite(_base_map(GeneralizedGammaRule(gamma), epsilon),
                      FirstLayerTypeMap({"ConvLayer": ZBoxRule(low, high)}), name="EpsilonGammaBox")
 
 

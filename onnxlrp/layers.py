@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ._onnx_utils import const_value
@@ -44,6 +45,38 @@ class Layer:
 
     def __repr__(self):
         return f"Layer({self.index}, {self.name!r}, {self.op_type})"
+
+
+#: Ops whose output is non-negative when every data input is.
+_KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose",
+               "Squeeze", "Unsqueeze", "Concat", "Identity", "Dropout")
+
+
+def _nonnegative(tensor, depth=8) -> bool:
+    """Whether ``tensor`` is >= 0 by construction: a ReLU's (or a Clip at min >= 0's) output, through
+    pooling, reshapes and concatenations."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or depth == 0:
+        return False
+    if node.op == "Relu":
+        return True
+    if node.op == "Clip":
+        low = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("min")
+        return low is not None and float(np.min(low)) >= 0
+    if node.op in _KEEPS_SIGN:
+        data = [t for t in node.inputs[:1 if node.op != "Concat" else None] if not isinstance(t, gs.Constant)]
+        return bool(data) and all(_nonnegative(t, depth - 1) for t in data)
+    return False
+
+
+def _zero_below_zero(node) -> bool:
+    """A ReLU or Clip(0, ...): its output is 0 wherever its input is <= 0."""
+    if node.op == "Relu":
+        return True
+    if node.op == "Clip":
+        low = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("min")
+        return low is not None and float(np.min(low)) == 0
+    return False
 
 
 def data_tensors(graph: gs.Graph, data_input: str) -> set:
@@ -135,6 +168,9 @@ def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
         layer.extra["interior"] = bool(consumers) and all(
             c.op == "Mul" and len(c.inputs) == 2 and gate_signal(c) is not None and
             c.inputs[gate_signal(c)] is layer.outputs[0] for c in consumers)
+        layer.extra["nonnegative_input"] = bool(layer.inputs) and all(_nonnegative(t) for t in layer.inputs)
+        layer.extra["relu_output"] = bool(consumers) and all(_zero_below_zero(c) for c in consumers) and \
+            layer.outputs[0] not in graph.outputs
         layers.append(layer)
     if unsupported and strict:
         raise UnsupportedModelError(unsupported_message(unsupported), unsupported)

@@ -23,6 +23,10 @@ def _gamma(gamma, part):
     return lambda p: p + gamma * part(p)
 
 
+def _identity_input(x):
+    return x
+
+
 def _without_bias(params):
     """The same weight array (so the emitted graph stores it once) with a zero bias."""
     if params is None or params.bias is None:
@@ -196,9 +200,16 @@ class GeneralizedGammaRule(Rule):
 
     def groups(self, layer):
         p, g = layer.params, self.gamma
+        if layer.extra.get("nonnegative_input") and layer.extra.get("relu_output"):
+            # a+ = a, a- = 0, and a ReLU gives no relevance to outputs z <= 0: the plain rule, exactly,
+            # at a quarter of the convolutions (VGG-style layers, the inner convolutions of a ResNet)
+            return [Group([Term(_identity_input, with_params(p, _gamma(g, _pos)))], denominator=self.modify_denominator)]
         plus = with_params(p, _gamma(g, _pos))
         minus = with_params(p, _gamma(g, _neg))
         plus_nb, minus_nb = _without_bias(plus), _without_bias(minus)
+        if layer.extra.get("nonnegative_input"):  # a- = 0: the terms on the negative inputs vanish
+            return [Group([Term(_identity_input, plus)], denominator=self.modify_denominator, mask="positive"),
+                    Group([Term(_identity_input, minus)], denominator=self.modify_denominator, mask="negative")]
         return [Group([Term(keep_positive, plus), Term(keep_negative, minus_nb)],
                       denominator=self.modify_denominator, mask="positive"),
                 Group([Term(keep_positive, minus), Term(keep_negative, plus_nb)],
