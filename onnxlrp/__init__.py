@@ -8,7 +8,8 @@ from .composite import (AttnLRP, CPLRP, Composite, EpsilonAlpha2Beta1, EpsilonAl
                         EpsilonPlusFlat, FirstLayerMap, FirstLayerTypeMap, FirstNTypeMap, GlobalMap, GlobalTypeMap,
                         LastLayerMap, LastLayerTypeMap, LayerMap, PRESETS, RangeMap, RangeTypeMap)
 from .crp import CRP, IndexedFeatures, TopNFeatures
-from .errors import DeviceError, InputError, LRPError, ModelLoadError, RuleCompatibilityError, UnsupportedModelError
+from .errors import (DeviceError, InputError, LRPError, LRPWarning, ModelLoadError, RuleCompatibilityError,
+                     UnsupportedModelError)
 from .explanation import Explanation
 # The module is named heatmaps so that onnxlrp.heatmap is the function.
 from .heatmaps import TextHeatmap, heatmap, heatmap_overlay, text_heatmap
@@ -27,6 +28,6 @@ __all__ = [
     "Rule", "ZeroRule", "EpsilonRule", "GammaRule", "WSquareRule", "FlatRule", "AlphaBetaRule", "ZPlusRule",
     "ZBoxRule", "PassRule", "GeneralizedGammaRule", "LayerNormRule",
     "heatmap", "heatmap_overlay", "text_heatmap", "TextHeatmap", "images",
-    "LRPError", "DeviceError", "ModelLoadError", "UnsupportedModelError", "RuleCompatibilityError", "InputError",
+    "LRPError", "LRPWarning", "DeviceError", "ModelLoadError", "UnsupportedModelError", "RuleCompatibilityError", "InputError",
 ]
 

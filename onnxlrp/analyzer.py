@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .canonize import canonize_graph
 from .composite import Composite, GlobalMap, check_compatible, default_rules
-from .errors import InputError, LRPError
+from .errors import InputError, LRPError, LRPWarning
 from .explanation import Explanation
 from .layers import build_layers
 from .loading import BATCH_DIM, load_model
@@ -28,6 +30,9 @@ Outputs:
   output_selection_used int64 (N): the explained output index per sample
 Rules:
 {rules}"""
+
+#: sum |R_in| above this many times the seed (1, or the explained output's value) is an explosion.
+EXPLOSION = 1e3
 
 POSITION_DOC = """
   output_position int64 (N): the position of the (N, T, ...) output whose top output -1 selects; -1 = last"""
@@ -87,6 +92,7 @@ class LRP:
         self._built = {}
         self._built_concepts = {}
         self._out_shapes = {}
+        self._explosion_reported = False
         if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
             self._build(tuple(self.input_shape[1:]))
 
@@ -252,9 +258,73 @@ class LRP:
             selection = selection % per_step
         if self.token_input and isinstance(results[RELEVANCE], np.ndarray):
             extras["token_relevance"] = results[RELEVANCE].sum(axis=tuple(range(2, results[RELEVANCE].ndim)))
-        return Explanation(val=results[RELEVANCE], output=results[OUTPUT],
+        expl = Explanation(val=results[RELEVANCE], output=results[OUTPUT],
                            output_selection=selection, analyzer="LRP", heatmap="attribution",
                            extras=extras)
+        if not keep_on_device and not self._explosion_reported:
+            self._check_explosion(x, expl, feeds)
+        return expl
+
+    def _check_explosion(self, x, expl, feeds):
+        """Say once which layer's rule made the relevance explode (sum |R| above EXPLOSION times the seed:
+        a denominator that crosses zero, e.g. the plain Gamma rule on outputs z < 0), instead of handing
+        back an explosion silently."""
+        n = len(x)
+        total = np.abs(np.asarray(expl.val, np.float64)).reshape(n, -1).sum(1)
+        out = np.asarray(expl.output, np.float64)
+        sel = np.asarray(expl.output_selection)
+        if self.sequence_output:
+            out = out[np.arange(n), np.asarray(expl.extras["output_position"])]
+        out = out.reshape(n, -1)
+        value = np.abs(out[np.arange(n), sel])
+        seed = np.ones(n) if self.normalize_output_relevance else value
+        # Explaining an output that is ~0 next to the others divides by ~0 by the user's choice, not the rule's.
+        tiny = value < 1e-3 * np.abs(out).max(axis=1)
+        bad = np.flatnonzero(~(total <= EXPLOSION * np.maximum(seed, 1e-30)) & ~tiny)
+        if not bad.size:
+            return
+        # A large sum alone can be right (a near-zero explained output spread over large inputs): only a
+        # layer that passes back far more relevance than reaches it is an explosion.
+        culprit = self._explosion_layer(x[bad[:1]], feeds, bad[0])
+        if culprit is None:
+            return
+        self._explosion_reported = True
+        layer, ratio = culprit
+        warnings.warn(f"{self.source}: relevance explodes on sample {int(bad[0])}: layer {layer.index} "
+                      f"'{layer.name}' ({layer.op_type}) under {self.rules[layer.index]!r} passes back {ratio:.3g}x "
+                      f"the relevance that reaches it (sum |R| = {total[bad[0]]:.3g} for a seed of {seed[bad[0]]:.3g}); "
+                      "its denominator crosses zero: use a stabler rule there (GeneralizedGammaRule instead of "
+                      "GammaRule, a larger epsilon)", LRPWarning, stacklevel=3)
+
+    def _explosion_layer(self, x, feeds, index):
+        """(layer, ratio) of the layer nearest the output whose input relevance exceeds EXPLOSION times the
+        relevance at its output, from the layer relevances of one sample; None if there is none."""
+        try:
+            probe = LRP(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
+                        device="cpu", input_name=self._input_name, layer_relevances=True,
+                        skip_checks=self.skip_checks)
+            probe._explosion_reported = True
+            inputs = {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in self.other_inputs}
+            sel = np.asarray(feeds[SELECTION])[index:index + 1]
+            kw = {"position": np.asarray(feeds[POSITION])[index:index + 1]} if POSITION in feeds else {}
+            if self.sequence_output and sel[0] >= 0:
+                sel = sel % int(np.prod(self._out_shapes[tuple(x.shape[1:])][2:]))
+            expl = probe.analyze(x, None if sel[0] < 0 else sel, inputs=inputs, **kw)
+        except Exception:  # a diagnosis that fails says nothing
+            return None
+        per_layer = {i: float(np.abs(r).sum()) for i, r in expl.extras["layerwise_relevances"].items()}
+        producer = {t.name: l.index for l in self.layers for t in l.outputs}
+        for layer in sorted(self.layers, key=lambda l: -l.index):
+            if layer.index not in per_layer:
+                continue
+            if layer.inputs and all(t.name not in producer for t in layer.inputs):
+                received = float(np.abs(expl.val).sum())  # the first layer: its input is the explained one
+            else:
+                received = sum(per_layer.get(producer.get(t.name), 0.0) for t in layer.inputs)
+            ratio = received / max(per_layer[layer.index], 1e-30)
+            if per_layer[layer.index] > 0 and ratio > EXPLOSION:
+                return layer, ratio
+        return None
 
     def _feeds(self, x, output_selection, inputs, y_shape=None, position=-1):
         y_shape = y_shape or self.output_shape

@@ -27,3 +27,7 @@ class InputError(LRPError, ValueError):
 
 class DeviceError(LRPError, RuntimeError):
     """The requested execution device is not available."""
+
+
+class LRPWarning(UserWarning):
+    """Something in an explanation a user should look at (e.g. exploding relevance)."""

@@ -744,3 +744,23 @@ def test_zbox_folds_constant_bounds_into_one_transpose(bounds):
     assert len(transposes) == 1
     stacked = inits[transposes[0].input[1]].dims[0 if transposes[0].op_type == "Conv" else 1]
     assert stacked == (9 if bounds == "per_element" else 6), stacked
+
+
+def test_exploding_relevance_is_reported_once_naming_the_layer():
+    """The plain Gamma rule's denominator z + gamma (W+ a + b+) is 0 here: LRP says so, naming the layer,
+    once per analyzer, instead of returning 1e9 silently. The generalized rule does not explode."""
+    import warnings as _w
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1, name="first"),
+             helper.make_node("Gemm", ["h", "W2"], ["y"], transB=1, name="crossing")]
+    model = make_model(nodes, [("x", [None, 2])], [("y", [None, 1])],
+                       [init("W1", np.eye(2)), init("W2", np.array([[1.0, -1.25]]))])
+    x = np.array([[1.0, 1.0]], F32)  # z = -0.25, z + 0.25 W+ a = 0
+    analyzer = make_lrp(model, [onnxlrp.ZeroRule(), onnxlrp.GammaRule(0.25)])
+    with pytest.warns(onnxlrp.LRPWarning, match=r"layer 1 'crossing' \(Gemm\) under GammaRule"):
+        e = analyzer.analyze(x, 0)
+    assert np.abs(e.val).sum() > 1e3
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        analyzer.analyze(x, 0)  # said once
+        stable = make_lrp(model, [onnxlrp.ZeroRule(), onnxlrp.GeneralizedGammaRule(0.25)]).analyze(x, 0)
+    assert np.abs(stable.val).sum() < 10
