@@ -52,6 +52,12 @@ _KEEPS_SIGN = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "
                "Squeeze", "Unsqueeze", "Concat", "Identity", "Dropout")
 
 
+def _clip_min(node):
+    """A Clip's lower bound (an input from opset 11 on, an attribute before), or None."""
+    low = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("min")
+    return None if low is None else float(np.min(low))
+
+
 def _nonnegative(tensor, depth=8) -> bool:
     """Whether ``tensor`` is >= 0 by construction: a ReLU's (or a Clip at min >= 0's) output, through
     pooling, reshapes and concatenations."""
@@ -61,8 +67,8 @@ def _nonnegative(tensor, depth=8) -> bool:
     if node.op == "Relu":
         return True
     if node.op == "Clip":
-        low = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("min")
-        return low is not None and float(np.min(low)) >= 0
+        low = _clip_min(node)
+        return low is not None and low >= 0
     if node.op in _KEEPS_SIGN:
         data = [t for t in node.inputs[:1 if node.op != "Concat" else None] if not isinstance(t, gs.Constant)]
         return bool(data) and all(_nonnegative(t, depth - 1) for t in data)
@@ -74,8 +80,7 @@ def _zero_below_zero(node) -> bool:
     if node.op == "Relu":
         return True
     if node.op == "Clip":
-        low = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("min")
-        return low is not None and float(np.min(low)) == 0
+        return _clip_min(node) == 0
     return False
 
 
