@@ -284,11 +284,12 @@ class LRP:
         if not bad.size:
             return
         # A large sum alone can be right (a near-zero explained output spread over large inputs): only a
-        # layer that passes back far more relevance than reaches it is an explosion.
+        # layer that passes back far more relevance than reaches it is an explosion. The probe builds a
+        # second relevance graph, so it runs once per analyzer whatever it finds.
+        self._explosion_reported = True
         culprit = self._explosion_layer(x[bad[:1]], feeds, bad[0])
         if culprit is None:
             return
-        self._explosion_reported = True
         layer, ratio = culprit
         warnings.warn(f"{self.source}: relevance explodes on sample {int(bad[0])}: layer {layer.index} "
                       f"'{layer.name}' ({layer.op_type}) under {self.rules[layer.index]!r} passes back {ratio:.3g}x "
