@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import click
 import numpy as np
@@ -93,9 +94,7 @@ def explain_text(analyzer, model, lines, tokenizer_path, output_selection, label
     samples = tokenize(tokenizer, lines, analyzer.vocab_size, tokenizer_path, model)
     target = os.path.join(out, HTML_NAME)
 
-    class _Plan:  # prepare_out_dir looks at .outputs
-        outputs = {"html": target}
-    created = prepare_out_dir(out, [_Plan()], force)
+    created = prepare_out_dir(out, [SimpleNamespace(outputs={"html": target})], force)
 
     by_length = {}
     for s in samples:

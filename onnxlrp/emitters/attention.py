@@ -134,7 +134,7 @@ class ElementwiseProductEmitter(ProductEmitter):
         """Operands that are the output of an activation (the gate of a gated unit: CP-LRP holds it)."""
         from .elementwise import ACTIVATIONS, is_gate
         gates = []
-        for i, t in enumerate(layer.node.inputs):
+        for t in layer.node.inputs:
             node = t.inputs[0] if t.inputs else None
             gates.append(node is not None and (node.op in ACTIVATIONS or (node.op == "Mul" and is_gate(node))))
         return gates

@@ -177,15 +177,12 @@ def _scale_chain(tensor, depth=4):
     chain = [tensor]
     for _ in range(depth):
         node = tensor.inputs[0] if tensor.inputs else None
-        if node is None or node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        if node is None or node.op not in ("Mul", "Div"):
             break
-        consts = [const_value(t) for t in node.inputs]
-        if consts[0] is None and consts[1] is not None:
-            tensor = node.inputs[0]
-        elif node.op == "Mul" and consts[0] is not None and consts[1] is None:
-            tensor = node.inputs[1]
-        else:
+        i, _ = _split_const(node)
+        if i is None or (node.op == "Div" and i == 1):  # c / x is no multiple of x
             break
+        tensor = node.inputs[i]
         chain.append(tensor)
     return chain
 
