@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from .emitters import GROUPS
 from .errors import RuleCompatibilityError
-from .rules import (AlphaBetaRule, CPRule, EpsilonRule, FlatRule, GeneralizedGammaRule, LayerNormRule,
-                    PassRule, Rule,
-                    SoftmaxRule, UniformRule, ZBoxRule, ZeroRule, ZPlusRule)
+from .rules import (AlphaBetaRule, CPRule, EpsilonRule, FlatRule, GeneralizedGammaRule, LayerNormRule, PassRule,
+                    Rule, SoftmaxRule, UniformRule, ZBoxRule, ZeroRule, ZPlusRule)
 from .rules.attention import GRADIENT_STABILIZER
 from .rules.base import DEFAULT_EPSILON, DEFAULT_GAMMA
 
