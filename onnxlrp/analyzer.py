@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ from .layers import build_layers
 from .loading import BATCH_DIM, load_model
 from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
                        export_relevance_model)
+from .precision import ReferenceSession, cast_floats, check_precision, lower_double_ops
 from .rules import Rule
 from .runtime import cuda_provider_options, make_session, session_device
 
@@ -51,14 +53,20 @@ class LRP:
 
     The data input is the first graph input that has no initializer; pass ``input_name`` to explain
     another one, and the other inputs' values to ``analyze(..., inputs={name: array})``.
+
+    ``precision="float64"`` runs everything in double (canonization, modified weights, the relevance graph),
+    to tell float32 rounding apart from rule effects; ops onnxruntime has no double kernel for are lowered to
+    ones it has, and a graph that still needs one runs on onnx's reference evaluator (slow, for verification).
     """
 
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
-                 cudnn_conv_algo_search="EXHAUSTIVE"):
+                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32"):
+        self.precision = precision
+        self._dtype = check_precision(precision)
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
         self._model, self._input_name = model, input_name  # read again for other input shapes
-        loaded = load_model(model, input_name)
+        loaded = self._load(None)
         self.canonization = canonize_graph(loaded.graph)
         self.data_input = loaded.data_input
         self.other_inputs = loaded.other_inputs
@@ -115,6 +123,12 @@ class LRP:
         raise TypeError(f"expected a Composite, a rule or a list of rules, got {type(spec).__name__}")
 
     # -- emission ---------------------------------------------------------------------------------------
+    def _load(self, feature_shape):
+        loaded = load_model(self._model, self._input_name, feature_shape)
+        if self._dtype != np.float32:  # before canonizing: BatchNorm fusion is then exact in double too
+            cast_floats(loaded.graph, self._dtype)
+        return loaded
+
     def _build(self, feature_shape, concept_layer=None):
         # CRP graphs (with a concept mask) are kept apart: relevance_model/save mean the plain graph.
         built = self._built if concept_layer is None else self._built_concepts
@@ -127,7 +141,7 @@ class LRP:
         # The session holds what it needs; the emitted graph (with its modified weights) is let go, and
         # relevance_model / save emit it again.
         del graph
-        session = make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
+        session = self._session(model_bytes)
         del model_bytes
         built[key] = ((feature_shape, concept_layer), session)
         return built[key]
@@ -139,7 +153,7 @@ class LRP:
         else:
             # Load again with the shape fixed: shapes computed at run time (attention scales, causal
             # masks, reshape targets) fold into constants for this shape.
-            loaded = load_model(self._model, self._input_name, feature_shape)
+            loaded = self._load(feature_shape)
             canonize_graph(loaded.graph)
             graph = loaded.graph
             _share_arrays(graph, self._canonical)
@@ -160,7 +174,22 @@ class LRP:
         emit_relevance_graph(graph, layers, self.rules, self.data_input,
                              layer_relevances=self.layer_relevances, concept_layer=concept_layer,
                              explained=self.explained, sequence_output=self.sequence_output)
+        if self._dtype == np.float64:
+            lower_double_ops(graph)
         return graph, doc
+
+    def _session(self, model_bytes):
+        try:
+            return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
+        except ort.capi.onnxruntime_pybind11_state.NotImplemented as e:
+            if self._dtype != np.float64:
+                raise
+            # a double op onnxruntime has no kernel for and onnxlrp does not lower (Erf, Resize, ...)
+            if self.verbose:
+                op = str(e).split("implementation for ")[-1].split(" node")[0]
+                print(f"onnxlrp: float64 runs on onnx's reference evaluator (slow): onnxruntime has no double "
+                      f"kernel for {op}", file=sys.stderr)
+            return ReferenceSession(onnx.load_from_string(model_bytes))
 
     def _export(self, built):
         graph, doc = self._emit(*built[0])
@@ -303,7 +332,7 @@ class LRP:
         try:
             probe = LRP(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
                         device="cpu", input_name=self._input_name, layer_relevances=True,
-                        skip_checks=self.skip_checks)
+                        skip_checks=self.skip_checks, precision=self.precision)
             probe._explosion_reported = True
             inputs = {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in self.other_inputs}
             sel = np.asarray(feeds[SELECTION])[index:index + 1]
@@ -389,6 +418,8 @@ class LRP:
     def _run_bound(session, feeds, names, keep_on_device):
         """One run through IO binding: inputs are copied to the device once; outputs stay there and only
         what the caller wants as numpy is copied back."""
+        if isinstance(session, ReferenceSession):
+            return dict(zip(names, session.run(names, feeds)))
         device = session_device(session)
         binding = session.io_binding()
         for name, value in feeds.items():

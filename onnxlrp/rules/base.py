@@ -18,12 +18,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .expr import stabilize
+from .expr import DivisionGuard, stabilize
 
 #: RelevancePropagation.jl's defaults.
 DEFAULT_GAMMA = 0.25
 DEFAULT_EPSILON = 1e-6
-DEFAULT_STABILIZER = 1e-9
+#: the division guard of rules without an epsilon (1e-9 in float32, 1.9e-18 in float64: see DivisionGuard)
+DEFAULT_STABILIZER = DivisionGuard(1e-9)
 DEFAULT_ALPHA = 2.0
 DEFAULT_BETA = 1.0
 

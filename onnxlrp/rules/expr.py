@@ -131,13 +131,29 @@ def sign0(x):
     return x.sign0() if isinstance(x, Sym) else np.where(np.asarray(x) >= 0, 1, -1).astype(np.asarray(x).dtype)
 
 
+class DivisionGuard(float):
+    """A stabilizer that is only there to keep a division finite (RelevancePropagation.jl's 1f-9 in the rules
+    without an epsilon parameter), as opposed to a rule's epsilon. In a float64 graph it shrinks by the
+    ratio of the machine epsilons (1e-9 -> 1.9e-18), so that LRP-0 in double equals gradient x input to
+    double rounding instead of to 1e-9 / |z|."""
+
+    def for_dtype(self, dtype):
+        if np.dtype(dtype) == np.float64:
+            return float(self) * float(np.finfo(np.float64).eps / np.finfo(np.float32).eps)
+        return float(self)
+
+
 def stabilize(z, epsilon):
     """z + epsilon * sign(z), with sign(0) = +1, so a zero denominator becomes epsilon."""
     if isinstance(z, Sym):
         # (z + eps) - 2 eps [z < 0]: onnxruntime's Where with scalar branches is several times slower
         # than Less + Cast + Mul, and this runs on every layer's pre-activations.
         b = z.builder
+        if isinstance(epsilon, DivisionGuard):
+            epsilon = epsilon.for_dtype(b.dtype)
         negative = b.op("Cast", [b.op("Less", [z.var, b.const(np.asarray(0, b.dtype))])], attrs={"to": b.onnx_dtype})
         shifted = b.op("Add", [z.var, b.const(np.asarray(epsilon, b.dtype))])
         return z._wrap(b.op("Sub", [shifted, b.op("Mul", [negative, b.const(np.asarray(2 * epsilon, b.dtype))])]))
+    if isinstance(epsilon, DivisionGuard):
+        epsilon = epsilon.for_dtype(np.asarray(z).dtype)
     return z + sign0(z) * np.asarray(epsilon, dtype=np.asarray(z).dtype)
