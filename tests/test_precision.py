@@ -196,3 +196,29 @@ def test_float64_transformers_match_lxt_in_double(family, capsys):
     assert expl.val.dtype == np.float64
     assert rel_l2(expl.val, r["attnlrp"]).max() <= 1e-6
     assert ("reference evaluator" in capsys.readouterr().err) == (family != "gpt2")
+
+
+def test_cli_exports_and_explains_in_float64(tmp_path):
+    """`export --precision float64` writes a double graph that plain onnxruntime runs (its Conv lowered);
+    `explain --precision float64` writes the same relevance as the API."""
+    from tests.test_cli import invoke
+    out = tmp_path / "vgg_lrp64.onnx"
+    result = invoke("export", fixture_path("vgg"), "-o", str(out), "--precision", "float64", "-q",
+                    "--composite", "EpsilonPlus")
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.DOUBLE
+    assert not {n.op_type for n in model.graph.node} & set(LOWERINGS)
+    x = load_reference("vgg")["x"][:2].astype(np.float64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["relevance"], {model.graph.input[0].name: x, "output_selection": np.array([-1, -1]),
+                                      "normalize_output_relevance": np.array(True)})[0]
+    want = onnxlrp.LRP(fixture_path("vgg"), onnxlrp.EpsilonPlus(), precision="float64", verbose=False).analyze(x).val
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    npy = tmp_path / "x.npy"
+    np.save(npy, x[:1])
+    result = invoke("explain", fixture_path("vgg"), str(npy), "--precision", "float64", "--save-npy", "-o",
+                    str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    saved = [p for p in (tmp_path / "out").rglob("*.npy")]
+    assert saved and np.load(saved[0]).dtype == np.float64

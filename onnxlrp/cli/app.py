@@ -255,13 +255,21 @@ def skip_checks_option(f):
                              "refusing the model (only right for shape-preserving elementwise ops).")(f)
 
 
+def precision_option(f):
+    return click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32",
+                        show_default=True,
+                        help="float64 runs canonization, modified weights and the relevance graph in double, "
+                             "to tell float32 rounding apart from rule effects (slower; ops without a double "
+                             "kernel in onnxruntime run on onnx's reference evaluator).")(f)
+
+
 def model_argument(f):
     return click.argument("model", metavar="MODEL", type=click.Path(dir_okay=True, path_type=str))(f)
 
 
-def load_analyzer(model, spec, *, device="cpu", verbose=False, skip_checks=False):
+def load_analyzer(model, spec, *, device="cpu", verbose=False, skip_checks=False, precision="float32"):
     from ..analyzer import LRP
-    return LRP(model, spec, device=device.lower(), verbose=verbose, skip_checks=skip_checks)
+    return LRP(model, spec, device=device.lower(), verbose=verbose, skip_checks=skip_checks, precision=precision)
 
 
 def fmt_shape(shape):
@@ -410,9 +418,10 @@ Run it with onnxruntime alone (no onnxlrp needed):
                    "dims other than the batch.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the written path.")
+@precision_option
 @skip_checks_option
 @debug_option
-def export(model, output, input_shape, force, quiet, skip_checks, **kwargs):
+def export(model, output, input_shape, force, quiet, precision, skip_checks, **kwargs):
     """Write the relevance graph of MODEL as a standalone ONNX model.
 
     The graph computes the model output and the LRP relevance in one pass and runs in plain
@@ -443,7 +452,7 @@ def export(model, output, input_shape, force, quiet, skip_checks, **kwargs):
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise CLIError(f"{output}: the folder {parent} does not exist")
-    analyzer = load_analyzer(model, spec, skip_checks=skip_checks)
+    analyzer = load_analyzer(model, spec, skip_checks=skip_checks, precision=precision)
     shape = analyzer.input_shape
     static = shape is not None and all(isinstance(d, int) for d in shape[1:])
     if input_shape is not None:

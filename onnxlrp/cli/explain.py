@@ -20,8 +20,8 @@ import click
 import numpy as np
 
 from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cli, debug_option,
-                  device_option, fmt_shape, load_analyzer, model_argument, pop_rule_kwargs, rule_options,
-                  skip_checks_option)
+                  device_option, fmt_shape, load_analyzer, model_argument, pop_rule_kwargs, precision_option,
+                  rule_options, skip_checks_option)
 
 DEFAULT_OUT = "lrp_out"
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)  # the ImageNet statistics averaged over RGB, for 1-channel models
@@ -468,11 +468,12 @@ Examples:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr. Default: on a terminal, when there is more than one batch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices on stderr (the results still print).")
+@precision_option
 @skip_checks_option
 @debug_option
 def explain(model, inputs, text, text_file, tokenizer, output_selection, labels, out, force, save_npy, as_json, mean,
             std, no_normalize, layout, input_shape, batch_size, device, reduce, rangescale, colormap, clip_percentile,
-            overlay_alpha, progress, quiet, skip_checks, **kwargs):
+            overlay_alpha, progress, quiet, precision, skip_checks, **kwargs):
     """Explain MODEL's predictions on INPUTS with LRP: heatmaps and overlays.
 
     INPUTS are image files, folders of images, or .npy arrays. For each input, onnxlrp runs the
@@ -512,7 +513,8 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
         from .text import explain_text, read_lines
         lines = read_lines(text, text_file)
         label_names = load_labels(labels) if labels else None
-        analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks)
+        analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks,
+                                 precision=precision)
         explain_text(analyzer, model, lines, tokenizer, output_selection, label_names, out, force, as_json,
                      batch_size, progress, quiet, desc,
                      dict(rangescale=rangescale, colormap=colormap, percentile=clip_percentile))
@@ -520,7 +522,8 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     found = collect_inputs(inputs)
     label_names = load_labels(labels) if labels else None
     # verbose=False: the device is named in the closing line instead of a notice before any error
-    analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks)
+    analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks,
+                                 precision=precision)
     if analyzer.token_input:
         raise CLIError(f"{model}: the model's input '{analyzer.data_input}' is token ids: explain text with "
                        "--text or --text-file and --tokenizer tokenizer.json")
