@@ -1,6 +1,7 @@
 """Canonization: bring a loaded graph into the form LRP rules are defined on.
 
-- Identity and Dropout are dropped.
+- Identity, Dropout and reshapes that keep the shape (tf2onnx's) are dropped; a zero Pad before a Conv
+  becomes the Conv's pads (Keras' ZeroPadding2D).
 - Softmax/LogSoftmax producing a graph output are stripped (never inside the graph).
 - Gemm gets transB=1, alpha=beta=1 (transA becomes a Transpose layer).
 - BatchNormalization, and Mul/Div/Add/Sub by per-channel constants (Caffe2-style chains
@@ -48,9 +49,21 @@ def _bypass(graph, node, keep):
     node.outputs.clear()
 
 
+def _same_shape(a, b):
+    """Whether two tensors are known to have the same shape (static sizes after a shared batch axis)."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape) or not len(a.shape):
+        return False
+    tail_a, tail_b = list(a.shape[1:]), list(b.shape[1:])
+    return a.shape[0] == b.shape[0] and tail_a == tail_b and all(isinstance(d, (int, np.integer)) for d in tail_a)
+
+
 def remove_passthrough(graph) -> None:
+    """Drop Identity, inference Dropout, and reshapes that keep the shape: tf2onnx puts a Reshape to
+    [-1, C, 1, 1] after every convolution that reaches 1x1, which would keep its BatchNorm from fusing."""
     for node in list(graph.nodes):
-        if node.op == "Identity" or (node.op == "Dropout" and not any(o.outputs for o in node.outputs[1:])):
+        if node.op == "Identity" or (node.op == "Dropout" and not any(o.outputs for o in node.outputs[1:])) or \
+                (node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and node.outputs and
+                 _same_shape(node.inputs[0], node.outputs[0])):
             if node.inputs and not isinstance(node.inputs[0], gs.Constant):
                 _bypass(graph, node, node.inputs[0])
     graph.cleanup(remove_unused_graph_inputs=False)
@@ -317,9 +330,57 @@ def split_layernorm(graph) -> int:
     return count
 
 
+def _zero_spatial_pads(node, rank):
+    """(begin, end) spatial pads of a constant-zero Pad on an (N, C, ...) tensor, or None."""
+    if node.attrs.get("mode", "constant") not in ("constant", b"constant"):
+        return None
+    pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(node.attrs.get("pads", []))
+    if pads is None or len(pads) != 2 * rank or np.any(pads < 0):
+        return None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        value = const_value(node.inputs[2])
+        if value is None or np.any(value != 0):
+            return None
+    if len(node.inputs) > 3 and node.inputs[3].name:  # axes (opset 18)
+        return None
+    pads = [int(p) for p in pads]
+    if any(pads[:2]) or any(pads[rank:rank + 2]):
+        return None  # pads on the batch or channel axis
+    return pads[2:rank], pads[rank + 2:]
+
+
+def fuse_pad_into_conv(graph) -> int:
+    """Zero Pad -> Conv becomes one Conv with those pads (Keras' ZeroPadding2D, tf2onnx's explicit Pad):
+    rules that act on the convolution's input then see it as in PyTorch exports (ZBox pads its bounds with
+    zeros, as the convolution pads its input)."""
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "Conv" or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            continue
+        pad = producer(node.inputs[0])
+        if pad is None or pad.op != "Pad" or len(pad.outputs[0].outputs) != 1 or pad.outputs[0] in graph.outputs:
+            continue
+        x = pad.inputs[0]
+        if x.shape is None:
+            continue
+        found = _zero_spatial_pads(pad, len(x.shape))
+        if found is None:
+            continue
+        n = len(x.shape) - 2
+        own = list(node.attrs.get("pads", [0] * (2 * n)))
+        begin, end = found
+        node.attrs["pads"] = [a + b for a, b in zip(own, list(begin) + list(end))]
+        node.inputs[0] = x
+        pad.outputs[0].inputs.clear()
+        fused += 1
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return fused
+
+
 def canonize_graph(graph, strip_softmax=True) -> dict:
     """Canonize a loaded gs graph in place. Returns a summary of what changed."""
     remove_passthrough(graph)
+    fuse_pad_into_conv(graph)
     stripped = strip_softmax_outputs(graph) if strip_softmax else []
     normalize_gemm(graph)
     fused = fuse_affine(graph)

@@ -306,6 +306,50 @@ def test_dropout_and_identity_dropped():
     assert layer_ops(model) == ["Gemm", "Relu", "Gemm"]
 
 
+def test_shape_keeping_reshape_dropped_so_bn_fuses():
+    """tf2onnx reshapes a 1x1 convolution's output to [-1, C, 1, 1] before its BatchNorm."""
+    rng = np.random.default_rng(17)
+    names, bn_inits = _bn(rng, 3)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("BatchNormalization", ["r"] + names, ["b"]), helper.make_node("Relu", ["b"], ["y"]),
+             helper.make_node("Reshape", ["y", "flat"], ["z"])]
+    model = make_model(nodes, [("x", [None, 2, 1, 1])], ["z"],
+                       [init("W", rng.normal(size=(3, 2, 1, 1))), init("shape", np.array([-1, 3, 1, 1], np.int64)),
+                        init("flat", np.array([-1, 3], np.int64))] + bn_inits)
+    x = rng.normal(size=(2, 2, 1, 1)).astype(F32)
+    assert _canonized_ops_and_check(model, x) == ["Conv", "Relu", "Reshape"]  # the flattening one stays
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 1, 1, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0, 2, 0]])
+def test_zero_pad_before_conv_becomes_its_pads(pads):
+    rng = np.random.default_rng(18)
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]),
+             helper.make_node("Conv", ["p", "W"], ["z"], pads=[1, 0, 0, 1], strides=[2, 1])]
+    model = make_model(nodes, [("x", [None, 2, 5, 5])], ["z"],
+                       [init("pads", np.array(pads, np.int64)), init("W", rng.normal(size=(3, 2, 3, 3)))])
+    x = rng.normal(size=(2, 2, 5, 5)).astype(F32)
+    assert _canonized_ops_and_check(model, x) == ["Conv"]
+
+
+@pytest.mark.parametrize("case", ["value", "channels", "reflect"])
+def test_other_pads_before_conv_stay(case):
+    rng = np.random.default_rng(19)
+    pads = [0, 1, 1, 1, 0, 0, 1, 1] if case == "channels" else [0, 0, 1, 1, 0, 0, 1, 1]
+    inputs = ["x", "pads"] + (["value"] if case == "value" else [])
+    nodes = [helper.make_node("Pad", inputs, ["p"], mode="reflect" if case == "reflect" else "constant"),
+             helper.make_node("Conv", ["p", "W"], ["z"])]
+    inits = [init("pads", np.array(pads, np.int64)), init("W", rng.normal(size=(3, 3 if case == "channels" else 2, 3, 3))),
+             init("value", np.float32(0.5))]
+    model = make_model(nodes, [("x", [None, 2, 5, 5])], ["z"], inits if case == "value" else inits[:2])
+    x = rng.normal(size=(2, 2, 5, 5)).astype(F32)
+    if case == "reflect":  # canonization keeps it; the engine refuses non-constant Pad (no emitter)
+        canonized = onnxlrp.canonize(model)
+        _assert_same_function(model, canonized, x)
+        assert _ops(canonized) == ["Pad", "Conv"]
+    else:
+        assert _canonized_ops_and_check(model, x) == ["Pad", "Conv"]
+
+
 # -- LayerNormalization ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_layernorm_split_into_norm_and_scale(with_bias):
