@@ -59,6 +59,9 @@ class LRP:
     ones it has, and a graph that still needs one runs on onnx's reference evaluator (slow, for verification).
     """
 
+    #: emit each layer's relevance per input too (the explosion probe's graph)
+    _input_relevances = False
+
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
                  cudnn_conv_algo_search="EXHAUSTIVE", precision="float32"):
@@ -173,7 +176,8 @@ class LRP:
                                f"the embedding output '{self.explained}'", rules=self.rules_listing())
         emit_relevance_graph(graph, layers, self.rules, self.data_input,
                              layer_relevances=self.layer_relevances, concept_layer=concept_layer,
-                             explained=self.explained, sequence_output=self.sequence_output)
+                             explained=self.explained, sequence_output=self.sequence_output,
+                             input_relevances=self._input_relevances)
         if self._dtype == np.float64:
             lower_double_ops(graph)
         return graph, doc
@@ -280,6 +284,9 @@ class LRP:
         layer_keys = [k for k in names if k.startswith("relevance_layer_")]
         if layer_keys:
             extras["layerwise_relevances"] = {int(k.rsplit("_", 1)[1]): results[k] for k in layer_keys}
+        input_keys = [k for k in names if k.startswith("relevance_in_")]
+        if input_keys:
+            extras["input_relevances"] = {tuple(int(p) for p in k.split("_")[2:]): results[k] for k in input_keys}
         selection = results[SELECTION_USED]
         if self.sequence_output:
             per_step = int(np.prod(self._out_shapes[feature_shape][2:]))
@@ -323,16 +330,19 @@ class LRP:
         warnings.warn(f"{self.source}: relevance explodes on sample {int(bad[0])}: layer {layer.index} "
                       f"'{layer.name}' ({layer.op_type}) under {self.rules[layer.index]!r} passes back {ratio:.3g}x "
                       f"the relevance that reaches it (sum |R| = {total[bad[0]]:.3g} for a seed of {seed[bad[0]]:.3g}); "
-                      "its denominator crosses zero: use a stabler rule there (GeneralizedGammaRule instead of "
-                      "GammaRule, a larger epsilon)", LRPWarning, stacklevel=3)
+                      "its denominator comes near zero where relevance arrives: a stabler rule there "
+                      "(GeneralizedGammaRule instead of GammaRule, a larger epsilon) keeps it bounded",
+                      LRPWarning, stacklevel=3)
 
     def _explosion_layer(self, x, feeds, index):
-        """(layer, ratio) of the layer nearest the output whose input relevance exceeds EXPLOSION times the
-        relevance at its output, from the layer relevances of one sample; None if there is none."""
+        """(layer, ratio) of the layer that multiplies the relevance reaching it the most (sum |R| passed to
+        its inputs over sum |R| at its output, from one sample's per-layer relevances): the first one nearest
+        the output above EXPLOSION, else the largest ratio where an explosion builds up over several layers
+        (residual sums that nearly cancel, each x10..x50); None if no layer multiplies it by 2 or more."""
         try:
-            probe = LRP(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
-                        device="cpu", input_name=self._input_name, layer_relevances=True,
-                        skip_checks=self.skip_checks, precision=self.precision)
+            probe = _ExplosionProbe(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
+                                    device="cpu", input_name=self._input_name, layer_relevances=True,
+                                    skip_checks=self.skip_checks, precision=self.precision)
             probe._explosion_reported = True
             inputs = {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in self.other_inputs}
             sel = np.asarray(feeds[SELECTION])[index:index + 1]
@@ -342,19 +352,19 @@ class LRP:
             expl = probe.analyze(x, None if sel[0] < 0 else sel, inputs=inputs, **kw)
         except Exception:  # a diagnosis that fails says nothing
             return None
-        per_layer = {i: float(np.abs(r).sum()) for i, r in expl.extras["layerwise_relevances"].items()}
-        producer = {t.name: l.index for l in self.layers for t in l.outputs}
+        received = {i: float(np.abs(r).sum()) for i, r in expl.extras["layerwise_relevances"].items()}
+        passed = {}
+        for (i, _), r in expl.extras["input_relevances"].items():
+            passed[i] = passed.get(i, 0.0) + float(np.abs(r).sum())
+        worst = None
         for layer in sorted(self.layers, key=lambda l: -l.index):
-            if layer.index not in per_layer:
-                continue
-            if layer.inputs and all(t.name not in producer for t in layer.inputs):
-                received = float(np.abs(expl.val).sum())  # the first layer: its input is the explained one
-            else:
-                received = sum(per_layer.get(producer.get(t.name), 0.0) for t in layer.inputs)
-            ratio = received / max(per_layer[layer.index], 1e-30)
-            if per_layer[layer.index] > 0 and ratio > EXPLOSION:
-                return layer, ratio
-        return None
+            if received.get(layer.index, 0.0) > 0:
+                ratio = passed.get(layer.index, 0.0) / received[layer.index]
+                if ratio > EXPLOSION:
+                    return layer, ratio
+                if ratio >= 2 and (worst is None or ratio > worst[1]):
+                    worst = (layer, ratio)
+        return worst
 
     def _feeds(self, x, output_selection, inputs, y_shape=None, position=-1):
         y_shape = y_shape or self.output_shape
@@ -447,6 +457,12 @@ class LRP:
 
     def __repr__(self):
         return f"LRP(\n{self.rules_listing()}\n)"
+
+
+class _ExplosionProbe(LRP):
+    """The analyzer's twin that also returns each layer's relevance per input, to find the layer whose rule
+    creates relevance (a tensor read by several layers gets the sum of their contributions)."""
+    _input_relevances = True
 
 
 def _confirm_relu_outputs(layers, rules):

@@ -201,7 +201,7 @@ def _select_outputs(ctx, y, selection, position):
 
 
 def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_relevances=False,
-                         concept_layer=None, explained=None, sequence_output=False):
+                         concept_layer=None, explained=None, sequence_output=False, input_relevances=False):
     """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place).
 
     ``explained`` names the tensor whose relevance is the output (default: the data input; for token
@@ -209,7 +209,8 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     ``output_position`` (int64 [N], -1 = last) that says at which position of a (N, T, ...) output the top
     output is explained. With ``concept_layer`` (CRP), the relevance arriving at that layer's output is
     also an output (``concept_relevance``) and is multiplied by the input ``concept_mask`` (N, features)
-    before it goes on.
+    before it goes on. With ``input_relevances`` each layer's contribution to each of its inputs is an output
+    too (``relevance_in_<layer>_<input>``), which tells which consumer of a shared tensor created relevance.
     """
     x_in = next(t for t in graph.inputs if t.name == data_input)
     x = x_in if explained in (None, data_input) else graph.tensors()[explained]
@@ -245,7 +246,7 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     concept = None
     relevance = defaultdict(list)
     relevance[y.name].append(seed)
-    per_layer = {}
+    per_layer, per_input = {}, {}
     for layer, rule in zip(reversed(layers), reversed(rules)):
         r_out = [b.add_all(relevance.get(t.name, [])) for t in layer.outputs]
         if all(r is None for r in r_out):
@@ -259,6 +260,8 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
             mask = b.op("Reshape", [concept_mask, b.i64([0, features] + [1] * (rank - 2))])
             r_out = [b.op("Mul", [concept, mask])] + r_out[1:]
         r_in = rule.emit(ctx, layer, r_out)
+        if input_relevances:
+            per_input.update({(layer.index, k): r for k, r in enumerate(r_in) if r is not None})
         for tensor, r in zip(layer.inputs, r_in):
             if r is not None:
                 relevance[tensor.name].append(r)
@@ -278,6 +281,7 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
             raise ValueError(f"no relevance reaches layer {concept_layer}")
         outputs.append(named_output(CONCEPT_RELEVANCE, concept))
     outputs += [named_output(f"relevance_layer_{index}", per_layer[index]) for index in sorted(per_layer)]
+    outputs += [named_output(f"relevance_in_{i}_{k}", per_input[i, k]) for i, k in sorted(per_input)]
 
     graph.inputs = [x_in] + [t for t in graph.inputs if t is not x_in and isinstance(t, gs.Variable)] + \
         [selection, normalize] + ([position] if position is not None else [])

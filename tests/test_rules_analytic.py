@@ -764,3 +764,4 @@ def test_exploding_relevance_is_reported_once_naming_the_layer():
         analyzer.analyze(x, 0)  # said once
         stable = make_lrp(model, [onnxlrp.ZeroRule(), onnxlrp.GeneralizedGammaRule(0.25)]).analyze(x, 0)
     assert np.abs(stable.val).sum() < 10
+
