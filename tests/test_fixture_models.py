@@ -63,8 +63,9 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_expected_files_present():
-    # the transformer fixtures live in their own folder (tests/test_transformer_fixtures.py checks them)
-    present = {p.name for p in FIXTURES.iterdir() if p.name != "transformers"}
+    # the transformer and tf2onnx fixtures live in their own folders (test_transformer_fixtures.py and
+    # test_tf2onnx_fixtures.py check them)
+    present = {p.name for p in FIXTURES.iterdir() if p.name not in ("transformers", "tf2onnx")}
     # example images for the command line (scripts/make_example_images.py)
     expected = set(ONNX_FILES) | {f"{m}_ref.npz" for m in MODELS} | {"example.png", "example_large.png"}
     missing = expected - present
