@@ -7,8 +7,8 @@ in double too) and emits the relevance graph in double.
 
 onnxruntime's CPU provider has no double kernels for Conv, ConvTranspose, AveragePool, GlobalAveragePool
 and LRN. ``lower_double_ops`` rewrites those nodes into ops it does have in double (Pad, Slice, Concat,
-MatMul, ReduceSum, Pow), exactly: a convolution becomes im2col (one strided Slice per kernel offset) and one
-batched MatMul. What still has no kernel (Erf, Resize, ...) runs on onnx's reference evaluator instead,
+MatMul, ReduceSum, Pow), exactly: a convolution becomes a sum over kernel offsets of a strided Slice times
+that offset's weights (one batched MatMul each). What still has no kernel (Erf, Resize, ...) runs on onnx's reference evaluator instead,
 which is slow and meant for verification.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ._onnx_utils import const_value
+from .emitters.conv import conv_geometry, flipped_transposed_weight
+from .loading import _infer_shapes
 
 PRECISIONS = {"float32": np.float32, "float64": np.float64}
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -119,51 +121,55 @@ def _window_slices(ops, x, padded, kernel, strides, dilations):
 
 
 def _conv(ops, x, weight, bias, in_spatial, strides, dilations, begin, end, group):
-    """Conv as im2col + one batched MatMul (weight a numpy array (M, C/g, k...))."""
+    """Conv as a sum over kernel offsets of one batched MatMul each (weight a numpy array (M, C/g, k...)).
+    One im2col MatMul would hold all k*k shifted copies of the input at once (11 GB on the zoo's VGG19);
+    summing per offset holds one."""
     m, cg = weight.shape[:2]
     kernel = list(weight.shape[2:])
-    kk = int(np.prod(kernel))
     x = _pad_spatial(ops, x, list(begin), list(end))
     padded = [s + b + e for s, b, e in zip(in_spatial, begin, end)]
     slices, out = _window_slices(ops, x, padded, kernel, strides, dilations)
-    if kk == 1:
-        cols = slices[0]
-    else:  # (N, C, kk, *out): channel-major, kernel offset minor, as the weight's (C/g, k...) rows
-        cols = ops("Concat", [ops("Unsqueeze", [s, ops.const([2])]) for s in slices], {"axis": 2})
     p = int(np.prod(out))
-    cols = ops("Reshape", [cols, ops.const([0, group, cg * kk, p])])
-    w = ops.const(weight.reshape(group, m // group, cg * kk), weight.dtype)
-    y = ops("MatMul", [w, cols])  # (N, g, M/g, P)
+    taps = weight.reshape(group, m // group, cg, -1)  # (g, M/g, C/g, kk), kernel offsets row-major
+    terms = []
+    for k, window in enumerate(slices):
+        cols = ops("Reshape", [window, ops.const([0, group, cg, p])])
+        terms.append(ops("MatMul", [ops.const(np.ascontiguousarray(taps[..., k]), weight.dtype), cols]))
+    y = terms[0] if len(terms) == 1 else ops("Sum", terms)  # (N, g, M/g, P)
     y = ops("Reshape", [y, ops.const([0, m] + out)])
     if bias is not None:
         y = ops("Add", [y, ops.const(bias.reshape([m] + [1] * len(out)), bias.dtype)])
     return y
 
 
-def _lower_conv(ops, node):
+def _conv_operands(node):
+    """(x, weight, bias, static spatial size) of a Conv/ConvTranspose whose weight and bias are constants
+    and whose input size is known, else None (the node then keeps its op)."""
     x, w = node.inputs[0], const_value(node.inputs[1])
+    has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    bias = const_value(node.inputs[2]) if has_bias else None
     spatial = _static_spatial(x)
-    if w is None or spatial is None:
+    if w is None or spatial is None or (has_bias and bias is None):
         return None
-    bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if len(node.inputs) > 2 and node.inputs[2].name and bias is None:
+    return x, w, bias, spatial
+
+
+def _lower_conv(ops, node):
+    operands = _conv_operands(node)
+    if operands is None:
         return None
-    from .emitters.conv import conv_geometry
+    x, w, bias, spatial = operands
     strides, dilations, begin, end = conv_geometry(node, spatial, w.shape[2:])
     return _conv(ops, x, w, bias, spatial, strides, dilations, begin, end, int(node.attrs.get("group", 1)))
 
 
 def _lower_conv_transpose(ops, node):
     """ConvTranspose = Conv of the zero-interleaved input with the flipped, transposed kernel."""
-    x, w = node.inputs[0], const_value(node.inputs[1])
-    spatial = _static_spatial(x)
-    if w is None or spatial is None or "output_shape" in node.attrs or \
+    operands = _conv_operands(node)
+    if operands is None or "output_shape" in node.attrs or \
             node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         return None
-    bias = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if len(node.inputs) > 2 and node.inputs[2].name and bias is None:
-        return None
-    from .emitters.conv import flipped_transposed_weight
+    x, w, bias, spatial = operands
     n = len(spatial)
     kernel = list(w.shape[2:])
     group = int(node.attrs.get("group", 1))
@@ -209,7 +215,6 @@ def _lower_average_pool(ops, node):
     if spatial is None:
         return None
     kernel = list(node.attrs["kernel_shape"])
-    from .emitters.conv import conv_geometry
     strides, dilations, begin, end = conv_geometry(node, spatial, kernel)
     extra = [0] * len(kernel)
     if node.attrs.get("ceil_mode", 0):
@@ -267,7 +272,6 @@ def lower_double_ops(graph: gs.Graph):
     sizes) is left as it is. Returns the op types left without a lowering."""
     if not any(node.op in LOWERINGS for node in graph.nodes):
         return set()
-    from .loading import _infer_shapes
     _infer_shapes(graph, "the float64 relevance graph")  # the emitted tensors' sizes, for the slices
     left = set()
     for index, node in enumerate(list(graph.nodes)):

@@ -23,11 +23,15 @@ from onnxlrp.precision import cast_floats, lower_double_ops
 KINKS = ("Relu", "Clip", "MaxPool")
 
 
-def _session(graph, opset):
+def _session(loaded):
+    """A CPU session of ``loaded``'s graph, which is let go first: on VGG19 each copy of the double weights
+    (graph, proto, bytes, session) is 1.1 GB."""
+    graph, loaded.graph = loaded.graph, None
     graph.cleanup().toposort()
     lower_double_ops(graph)
-    return ort.InferenceSession(export_model(graph, max(opset, 17)).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
+    data = export_model(graph, max(loaded.opset, 17)).SerializeToString()
+    del graph
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
 def _double_graph(path, feature_shape):
@@ -48,7 +52,13 @@ def _clip_bounds(node):
 def _kink_values(path, x):
     """The pre-activation of every ReLU/Clip and the argmax of every MaxPool at x (one sample)."""
     loaded = _double_graph(path, tuple(x.shape[1:]))
-    graph, wanted = loaded.graph, []
+    _expose_kinks(loaded.graph)
+    session = _session(loaded)
+    return session.run(None, {loaded.data_input: x})
+
+
+def _expose_kinks(graph):
+    wanted = []
     for k, node in enumerate(n for n in graph.nodes if n.op in KINKS):
         if node.op in ("Relu", "Clip"):
             wanted.append(node.inputs[0])
@@ -57,8 +67,6 @@ def _kink_values(path, x):
                 node.outputs.append(gs.Variable(f"frozen_{k}/argmax", dtype=np.int64))
             wanted.append(node.outputs[1])
     graph.outputs = wanted
-    session = _session(graph, loaded.opset)
-    return session.run(None, {loaded.data_input: x})
 
 
 def _drop_constant_terms(graph):
@@ -90,9 +98,15 @@ def linearized_model(path, x, homogeneous=False):
     """(run, input name): ``run(x')`` evaluates the selected model on the linear region of x (one sample,
     float64), i.e. with every kink frozen where x put it; with ``homogeneous`` only its linear part J x'
     (no biases), which carries no rounding from a large constant part."""
-    kinks = _kink_values(path, x)
+    kinks = _kink_values(path, x)  # first: its session is gone before the second graph loads
     loaded = _double_graph(path, tuple(x.shape[1:]))
-    graph = loaded.graph
+    _freeze_kinks(loaded.graph, kinks, homogeneous)
+    name = loaded.data_input
+    session = _session(loaded)  # built from locals that are gone: the graph's weights go with it
+    return (lambda xs: session.run(None, {name: xs})[0]), name
+
+
+def _freeze_kinks(graph, kinks, homogeneous):
     for k, node in enumerate([n for n in graph.nodes if n.op in KINKS]):
         z, y = node.inputs[0], node.outputs[0]
         value = kinks[k]
@@ -119,9 +133,6 @@ def linearized_model(path, x, homogeneous=False):
         node.outputs.clear()
     if homogeneous:
         _drop_constant_terms(graph)
-    session = _session(graph, loaded.opset)
-    name = loaded.data_input
-    return (lambda xs: session.run(None, {name: xs})[0]), name
 
 
 def directional_derivatives(path, x, selection, directions):

@@ -111,6 +111,7 @@ def test_cast_floats_reaches_constants_casts_and_attributes():
 
 
 # -- LRP in float64 ----------------------------------------------------------------------------------------
+import gc  # noqa: E402
 import os  # noqa: E402
 
 import onnxlrp  # noqa: E402
@@ -121,9 +122,12 @@ from tests.helpers_float64 import directional_derivatives  # noqa: E402
 #: relevance through it, the gradient does not)
 PIECEWISE_LINEAR = ["mlp", "vgg", "resnet", "mlp_dynamo", "vgg_dynamo", "resnet_dynamo", "vgg_bn_preserved"]
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-#: the light zoo graphs without LRN (which LRP passes relevance through and the gradient does not)
+#: the light zoo graphs without LRN (which LRP passes relevance through and the gradient does not).
+#: VGG19 in double holds its 1.1 GB of weights several times over while sessions are built (9 GB peak, above
+#: the suite's 8 GB budget): it runs with ONNXLRP_HEAVY_TESTS=1 (it passes; about a minute).
+HEAVY = pytest.mark.skipif(not os.environ.get("ONNXLRP_HEAVY_TESTS"), reason="9 GB: set ONNXLRP_HEAVY_TESTS=1")
 LIGHT_PIECEWISE_LINEAR = ["light_densenet121", "light_inception_v2", "light_resnet50", "light_shufflenet",
-                          "light_squeezenet", "light_vgg19"]
+                          "light_squeezenet", pytest.param("light_vgg19", marks=HEAVY)]
 
 
 def _identity_error(path, x, directions=4, coordinates=8):
@@ -132,6 +136,8 @@ def _identity_error(path, x, directions=4, coordinates=8):
     analyzer = onnxlrp.LRP(path, precision="float64", normalize_output_relevance=False, verbose=False)
     expl = analyzer.analyze(x)
     assert expl.val.dtype == np.float64 and expl.output.dtype == np.float64
+    del analyzer  # the reference below builds two double sessions of its own (VGG19: 1.1 GB of weights each)
+    gc.collect()
     n, d = len(x), int(np.prod(x.shape[1:]))
     rng = np.random.default_rng(2)
     pixels = np.zeros((coordinates, d))
