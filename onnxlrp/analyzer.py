@@ -13,6 +13,7 @@ from .canonize import canonize_graph
 from .composite import Composite, GlobalMap, check_compatible, default_rules
 from .errors import InputError, LRPError, LRPWarning
 from .explanation import Explanation
+from .files import atomic_write
 from .layers import build_layers
 from .loading import BATCH_DIM, load_model
 from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
@@ -212,9 +213,13 @@ class LRP:
         return session_device(list(self._built.values())[-1][1]) if self._built else "cpu"
 
     def save(self, path, input_shape=None):
-        """Write the emitted relevance graph; it runs in plain onnxruntime without onnxlrp."""
+        """Write the emitted relevance graph; it runs in plain onnxruntime without onnxlrp. The file is
+        written whole or not at all, and never through a symlink planted beside it (onnxlrp.files)."""
         model = self._export(self._build(tuple(input_shape))) if input_shape is not None else self.relevance_model
-        onnx.save(model, os.fspath(path))
+        data = model.SerializeToString()
+        del model
+        with atomic_write(os.fspath(path)) as f:
+            f.write(data)
         return path
 
     # -- analysis ---------------------------------------------------------------------------------------

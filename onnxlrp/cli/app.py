@@ -447,11 +447,14 @@ def export(model, output, input_shape, force, quiet, precision, skip_checks, **k
         output = f"{stem}_lrp.onnx"
     if os.path.isdir(output):
         raise CLIError(f"{output}: is a folder; give a file name with -o")
-    if os.path.exists(output) and not force:
-        raise CLIError(f"{output}: exists already; pass --force to overwrite it")
+    if os.path.lexists(output) and not force:  # a dangling symlink counts: writing would follow it
+        raise CLIError(f"{output}: exists already" + ("" if os.path.exists(output) else " (a symlink to nothing)")
+                       + "; pass --force to overwrite it")
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise CLIError(f"{output}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):  # before building the whole graph
+        raise CLIError(f"{output}: cannot write in the folder {parent}")
     analyzer = load_analyzer(model, spec, skip_checks=skip_checks, precision=precision)
     shape = analyzer.input_shape
     static = shape is not None and all(isinstance(d, int) for d in shape[1:])
@@ -469,13 +472,7 @@ def export(model, output, input_shape, force, quiet, precision, skip_checks, **k
         example = "128 (the sequence length)" if analyzer.token_input else "3,224,224"
         raise CLIError(f"{model}: the input {fmt_shape(shape)} has dynamic dims besides the batch; pass "
                        f"--input-shape with the dims after the batch axis, e.g. --input-shape {example}")
-    tmp = f"{output}.partial-{os.getpid()}"
-    try:
-        analyzer.save(tmp, input_shape=dims)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    analyzer.save(output, input_shape=dims)
     if quiet:
         click.echo(output)
         return

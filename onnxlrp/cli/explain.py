@@ -13,12 +13,12 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import click
 import numpy as np
 
+from ..files import atomic_write, exists_or_link
 from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cli, debug_option,
                   device_option, fmt_shape, load_analyzer, model_argument, pop_rule_kwargs, precision_option,
                   rule_options, skip_checks_option)
@@ -234,11 +234,12 @@ def plan_outputs(samples, out, spec, save_npy):
 def prepare_out_dir(out, samples, force):
     """Refuse existing outputs without --force, create the folder, check that it is writable.
     Returns the folders created (removed again if the run fails before writing)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CLIError(f"--out {out}: exists and is not a folder")
+    if exists_or_link(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a folder" if os.path.exists(out) else
+                       f"--out {out}: is a symlink to nothing; remove it or choose another --out")
     targets = [p for s in samples for p in s.outputs.values()]
     if os.path.isdir(out) and not force:
-        existing = [p for p in targets if os.path.exists(p)]
+        existing = [p for p in targets if exists_or_link(p)]
         if existing:
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
             raise CLIError(f"{existing[0]}{more} exist already; pass --force to overwrite, or choose another --out")
@@ -267,27 +268,14 @@ def remove_dirs(created):
             pass
 
 
-@contextmanager
-def atomic_path(target):
-    """A temporary path next to ``target`` that replaces it on success and is removed on failure."""
-    tmp = os.path.join(os.path.dirname(target) or ".", f".{os.path.basename(target)}.partial-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_png(img, target):
-    with atomic_path(target) as tmp:
-        img.save(tmp, format="PNG")
+    with atomic_write(target) as f:
+        img.save(f, format="PNG")
 
 
 def save_npy(arr, target):
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
+    with atomic_write(target) as f:
+        np.save(f, arr)
 
 
 # -- progress -----------------------------------------------------------------------------------------------

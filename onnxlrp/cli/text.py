@@ -85,8 +85,9 @@ def _clean(token):
 
 def explain_text(analyzer, model, lines, tokenizer_path, output_selection, labels, out, force, as_json,
                  batch_size, progress, quiet, desc, hm_kwargs):
+    from ..files import atomic_write
     from ..heatmaps import text_heatmap
-    from .explain import Progress, atomic_path, prepare_out_dir, remove_dirs
+    from .explain import Progress, prepare_out_dir, remove_dirs
     if not analyzer.token_input:
         raise CLIError(f"{model}: --text explains models whose input is token ids; this model's input "
                        f"'{analyzer.data_input}' is {analyzer.input_dtype} (give images or .npy arrays)")
@@ -121,9 +122,8 @@ def explain_text(analyzer, model, lines, tokenizer_path, output_selection, label
         th = text_heatmap([_clean(t) for t in s.tokens], np.asarray(row["token_relevance"]), **hm_kwargs)
         row["heatmap"] = th
         sections.append(f"<h3>line {s.line}: {html.escape(_describe(row))}</h3>\n{th.html()}")
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(_page(model, desc, sections))
+    with atomic_write(target, "w", encoding="utf-8") as f:
+        f.write(_page(model, desc, sections))
     if as_json:
         results = [{k: v for k, v in row.items() if k != "heatmap"} for row in ordered]
         click.echo(json.dumps({"model": model, "rules": desc, "device": analyzer.execution_device,
