@@ -167,6 +167,25 @@ def test_saved_relevance_and_json_match_the_api(tmp_path):
         assert Image.open(row["overlay"]).size == (32, 32)  # the large image is resized to the model's input
 
 
+def test_label_files_are_validated_and_sparse(tmp_path):
+    """{"300000000": "x"} is one entry (it once allocated 2.4 GB); negative keys are refused, not wrapped
+    around to label another class; a label past the outputs is noted."""
+    from onnxlrp.cli.explain import load_labels
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"300000000": "x", "7": "seven"}')
+    assert load_labels(str(huge)) == {300000000: "x", 7: "seven"}
+    r = invoke("explain", VGG, EXAMPLE, "--out", tmp_path / "o", "--output-selection", 7, "--labels", huge)
+    assert r.exit_code == 0, r.stderr
+    assert "(seven)" in r.stdout and "labels class 300000000, the model has 10 outputs" in r.stderr
+    for text, message in (('{"-1": "x", "3": "y"}', "label key -1 is negative"),
+                          ('{"-2": "x"}', "label key -2 is negative"), ('{"a": "x"}', "must be class indices, got 'a'")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        r = invoke("explain", VGG, EXAMPLE, "--out", tmp_path / "b", "--labels", bad)
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "b").exists()
+
+
 def test_default_rules_output_selection_and_labels(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"class{i}" for i in range(10)))
@@ -457,3 +476,29 @@ def test_export_of_dynamic_models_needs_input_shape(tmp_path):
                                    "normalize_output_relevance": np.array(True)})[0]
     assert rel.shape == x.shape
     assert invoke("export", dyn, "-o", tmp_path / "e.onnx", "--input-shape", "3,12").exit_code == 2
+
+
+def test_non_finite_inputs_and_results_are_errors_not_pictures(tmp_path):
+    """NaN/Inf inputs (and inputs that overflow the forward pass) get an error row each, no picture that
+    would read as 'no relevance', exit 1, and strict JSON (null, not NaN); the other inputs are explained."""
+    rng = np.random.default_rng(0)
+    good = rng.standard_normal((3, 32, 32)).astype(np.float32)
+    nan = good.copy()
+    nan[0, 3, 4] = np.nan
+    huge = np.full_like(good, 3e38)  # finite, but the convolutions overflow to inf
+    for name, a in (("good", good), ("nan", nan), ("huge", huge)):
+        np.save(tmp_path / f"{name}.npy", a)
+    inputs = [tmp_path / f"{n}.npy" for n in ("good", "nan", "huge")]
+    r = invoke("explain", VGG, *inputs, "--out", tmp_path / "o", "--json", "--save-npy")
+    assert r.exit_code == 1, r.stderr
+    doc = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    status = {Path(row["input"]).stem: (row["status"], row["error"]) for row in doc["results"]}
+    assert status["good"] == ("ok", None)
+    assert status["nan"][0] == "error" and "NaN or infinite" in status["nan"][1]
+    assert status["huge"][0] == "error" and "not finite" in status["huge"][1]
+    assert [Path(row["input"]).stem for row in doc["results"]] == ["good", "nan", "huge"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good_heatmap.png", "good_relevance.npy"]
+    r = invoke("explain", VGG, *inputs, "--out", tmp_path / "t")
+    assert r.exit_code == 1
+    assert any(line.split()[1:2] == ["error"] for line in r.stdout.splitlines())
+    assert "nan.npy: the input holds NaN or infinite values" in r.stderr

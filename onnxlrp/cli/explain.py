@@ -190,32 +190,42 @@ def assign_names(samples):
         s.name = unique
 
 
+#: a labels file larger than this is refused: ImageNet's 21k classes take ~0.5 MB
+MAX_LABELS_BYTES = 16 << 20
+
+
 def load_labels(path):
+    """{class index: name} from a text file (one name per line) or JSON (a list, or an object of
+    index -> name or -> [id, name]). Sparse on purpose: {"300000000": "x"} is one entry, not a 2 GB list."""
     try:
+        if os.path.getsize(path) > MAX_LABELS_BYTES:
+            raise CLIError(f"{path}: the labels file is over {MAX_LABELS_BYTES >> 20} MB")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise CLIError(f"{path}: cannot read the labels file: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise CLIError(f"{path}: the labels file is not UTF-8 text") from None
-    if path.lower().endswith(".json"):
+    if not path.lower().endswith(".json"):
+        return {i: line.strip() for i, line in enumerate(line for line in text.splitlines() if line.strip())}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(data, list):
+        data = dict(enumerate(data))
+    elif isinstance(data, dict):  # {"0": "tench"} or {"0": ["n01440764", "tench"]}
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"{path}: not valid JSON: {exc}") from None
-        if isinstance(data, dict):  # {"0": "tench"} or {"0": ["n01440764", "tench"]}
-            try:
-                items = sorted((int(k), v) for k, v in data.items())
-            except ValueError:
-                raise CLIError(f"{path}: JSON label keys must be class indices") from None
-            labels = [""] * (items[-1][0] + 1 if items else 0)
-            for k, v in items:
-                labels[k] = str(v[-1] if isinstance(v, list) and v else v)
-            return labels
-        if isinstance(data, list):
-            return [str(v[-1] if isinstance(v, list) and v else v) for v in data]
+            data = {int(k): v for k, v in data.items()}
+        except ValueError:
+            bad = next(k for k in data if not k.strip().lstrip("-").isdigit())
+            raise CLIError(f"{path}: JSON label keys must be class indices, got {bad!r}") from None
+        negative = sorted(k for k in data if k < 0)
+        if negative:
+            raise CLIError(f"{path}: label key {negative[0]} is negative; class indices start at 0")
+    else:
         raise CLIError(f"{path}: JSON labels must be a list or an object of index -> name")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return {k: str(v[-1] if isinstance(v, list) and v else v) for k, v in data.items()}
 
 
 # -- output folder ------------------------------------------------------------------------------------------
@@ -340,9 +350,7 @@ def _load_sample(s, spec, mean, std, arrays):
 
 
 def _label(labels, k):
-    if labels and 0 <= k < len(labels) and labels[k]:
-        return labels[k]
-    return None
+    return (labels or {}).get(int(k)) or None
 
 
 def _fmt_class(k, label):
@@ -353,8 +361,11 @@ def print_table(rows, explained_col):
     headers = ["input", "predicted", "score"] + (["explained", "score"] if explained_col else []) + ["relevance sum"]
     body = []
     for r in rows:
-        line = [r["input"] + (f"[{r['index']}]" if r["index"] is not None else ""),
-                _fmt_class(r["predicted"], r["predicted_label"]), f"{r['score']:.4g}"]
+        name = r["input"] + (f"[{r['index']}]" if r["index"] is not None else "")
+        if r["status"] != "ok":
+            body.append([name, "error"] + [""] * (len(headers) - 2))
+            continue
+        line = [name, _fmt_class(r["predicted"], r["predicted_label"]), f"{r['score']:.4g}"]
         if explained_col:
             line += [_fmt_class(r["explained"], r["explained_label"]), f"{r['explained_score']:.4g}"]
         line.append(f"{r['relevance_sum']:.4g}")
@@ -525,8 +536,13 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     if output_selection is not None and n_out is not None and output_selection >= n_out:
         raise CLIError(f"--output-selection {output_selection} is out of range: the model has {n_out} outputs per "
                        f"sample (valid: 0..{n_out - 1})")
-    if label_names is not None and n_out is not None and len(label_names) != n_out and not quiet:
-        click.echo(f"onnxlrp: note: {labels} has {len(label_names)} labels for {n_out} outputs", err=True)
+    if label_names is not None and n_out is not None and not quiet:
+        beyond = sorted(k for k in label_names if k >= n_out)
+        if beyond:
+            click.echo(f"onnxlrp: note: {labels} labels class {beyond[0]}, the model has {n_out} outputs "
+                       f"(0..{n_out - 1})", err=True)
+        elif len(label_names) != n_out:
+            click.echo(f"onnxlrp: note: {labels} has {len(label_names)} labels for {n_out} outputs", err=True)
 
     samples = validate_inputs(found, spec)
     norm_mean = norm_std = None
@@ -555,11 +571,21 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     try:
         for batch in _batches(samples, batch_size):
             loaded = [_load_sample(s, spec, norm_mean, norm_std, arrays) for s in batch]
-            x = np.stack([xi for xi, _ in loaded])
-            expl = analyzer.analyze(x, output_selection)
-            rows.extend(_write_batch(batch, loaded, expl, spec, hm_kwargs, overlay_alpha, label_names))
-            written += sum(len(s.outputs) for s in batch)
-            bar.update(len(batch))
+            # NaN/Inf in an input gives NaN relevance, which a heatmap shows as "no relevance": refuse it
+            # per input and explain the others
+            finite = [bool(np.all(np.isfinite(xi))) for xi, _ in loaded]
+            for s, ok in zip(batch, finite):
+                if not ok:
+                    s.outputs.clear()
+                    rows.append(_error_row(s, "the input holds NaN or infinite values"))
+            batch = [s for s, ok in zip(batch, finite) if ok]
+            loaded = [item for item, ok in zip(loaded, finite) if ok]
+            if batch:
+                x = np.stack([xi for xi, _ in loaded])
+                expl = analyzer.analyze(x, output_selection)
+                rows.extend(_write_batch(batch, loaded, expl, spec, hm_kwargs, overlay_alpha, label_names))
+                written += sum(len(s.outputs) for s in batch)
+            bar.update(len(finite))
     except BaseException:
         if written == 0:
             remove_dirs(created)
@@ -568,17 +594,32 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
         bar.close()
         arrays.clear()
 
-    if as_json:
+    order = {id(s): k for k, s in enumerate(samples)}
+    rows.sort(key=lambda r: order[r.pop("_sample")])
+    if as_json:  # strict JSON: no NaN
         click.echo(json.dumps({"model": model, "rules": desc, "device": analyzer.execution_device,
-                               "out": out, "results": rows}, indent=2))
+                               "out": out, "results": rows}, indent=2, allow_nan=False))
     else:
         print_table(rows, explained_col=output_selection is not None)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in failed if not as_json else []:
+        click.echo(f"onnxlrp: error: {r['input']}: {r['error']}", err=True)
     if not quiet:
         kinds = Counter(k for s in samples for k in s.outputs)
         nouns = {"heatmap": ("heatmap", "heatmaps"), "overlay": ("overlay", "overlays"),
                  "relevance": ("relevance array", "relevance arrays")}
         what = ", ".join(f"{n} {nouns[k][n != 1]}" for k, n in kinds.items())
-        click.echo(f"onnxlrp: {desc} on {analyzer.execution_device}; wrote {what} to {out}{os.sep}", err=True)
+        click.echo(f"onnxlrp: {desc} on {analyzer.execution_device}; wrote {what or 'nothing'} to {out}{os.sep}",
+                   err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _error_row(s, message):
+    return {"_sample": id(s), "status": "error", "error": message, "input": s.path, "index": s.index,
+            "name": s.name, "predicted": None, "predicted_label": None, "score": None, "explained": None,
+            "explained_label": None, "explained_score": None, "relevance_sum": None, "heatmap": None,
+            "overlay": None, "relevance": None}
 
 
 def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
@@ -588,6 +629,12 @@ def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
     rel = np.asarray(expl.val)
     rows = []
     for i, (s, (_, display)) in enumerate(zip(batch, loaded)):
+        if not (np.all(np.isfinite(rel[i])) and np.all(np.isfinite(outputs[i]))):
+            s.outputs.clear()  # no picture that looks valid
+            what = "output" if not np.all(np.isfinite(outputs[i])) else "relevance"
+            rows.append(_error_row(s, f"the model's {what} is not finite (NaN or infinite values; check the "
+                                      "input's range, or explain it with the Python API's layer_relevances)"))
+            continue
         pred = int(np.argmax(outputs[i]))
         sel = int(expl.output_selection[i])
         r = rel[i:i + 1]
@@ -598,6 +645,7 @@ def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
         if "relevance" in s.outputs:
             save_npy(rel[i], s.outputs["relevance"])
         rows.append({
+            "_sample": id(s), "status": "ok", "error": None,
             "input": s.path, "index": s.index, "name": s.name,
             "predicted": pred, "predicted_label": _label(labels, pred), "score": float(outputs[i, pred]),
             "explained": sel, "explained_label": _label(labels, sel), "explained_score": float(outputs[i, sel]),
