@@ -9,6 +9,7 @@ gives the transformed matrix, so one matrix formula serves both layer types.
 from __future__ import annotations
 
 import io
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -765,3 +766,28 @@ def test_exploding_relevance_is_reported_once_naming_the_layer():
         stable = make_lrp(model, [onnxlrp.ZeroRule(), onnxlrp.GeneralizedGammaRule(0.25)]).analyze(x, 0)
     assert np.abs(stable.val).sum() < 10
 
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: onnxlrp.EpsilonRule(-1), "EpsilonRule: epsilon must be a finite number >= 0, got -1"),
+    (lambda: onnxlrp.EpsilonRule(float("nan")), "epsilon must be a finite number >= 0, got nan"),
+    (lambda: onnxlrp.GammaRule(-5), "GammaRule: gamma must be a finite number >= 0, got -5"),
+    (lambda: onnxlrp.GeneralizedGammaRule(float("inf")), "gamma must be a finite number >= 0"),
+    (lambda: onnxlrp.AlphaBetaRule(float("nan"), 1.0), "alpha must be a finite number >= 0"),
+    (lambda: onnxlrp.EpsilonGammaBox(3, -3), "ZBoxRule: low must be below high"),
+    (lambda: onnxlrp.ZBoxRule(float("nan"), 3), "low and high must be finite"),
+    (lambda: onnxlrp.ZBoxRule(np.zeros(3), np.ones(2)), "same shape"),
+    (lambda: onnxlrp.EpsilonPlus(epsilon=-1e-6), "epsilon must be a finite number >= 0"),
+])
+def test_rule_parameters_are_checked_when_made(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_cli_names_a_bad_rule_parameter_in_one_line(tmp_path):
+    from tests.test_cli import EXAMPLE, invoke
+    from tests.helpers_fixtures import fixture_path
+    r = invoke("explain", fixture_path("vgg"), EXAMPLE, "--composite", "EpsilonGammaBox", "--low", "nan",
+               "--high", "3", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "low and high must be finite" in r.stderr
+    assert "RuntimeWarning" not in r.stderr and not (tmp_path / "o").exists()

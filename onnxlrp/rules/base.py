@@ -70,6 +70,34 @@ class Rule:
     arithmetic or the helpers in :mod:`onnxlrp.rules` that work on both.
     """
 
+    #: what the built-in rules' parameters may be (checked when a rule is made): EpsilonRule(-1) gave
+    #: relevance of 1e13, GammaRule(-5) flips signs, ZBoxRule(3, -3) has no box
+    NONNEGATIVE = ("epsilon", "gamma", "alpha", "beta")
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field_name in self.NONNEGATIVE:
+            if field_name in getattr(self, "__dataclass_fields__", {}):
+                value = getattr(self, field_name)
+                try:
+                    ok = np.isfinite(float(value)) and float(value) >= 0
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{name}: {field_name} must be a finite number >= 0, got {value!r}")
+        if {"low", "high"} <= set(getattr(self, "__dataclass_fields__", {})):
+            try:
+                low, high = np.asarray(self.low, np.float64), np.asarray(self.high, np.float64)
+                np.broadcast(low, high)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: low and high must be numbers or arrays of the same shape, got "
+                                 f"{self.low!r} and {self.high!r}") from None
+            if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+                raise ValueError(f"{name}: low and high must be finite, got {self.low!r} and {self.high!r}")
+            if not np.all(low < high):
+                raise ValueError(f"{name}: low must be below high (the box of the input values), got "
+                                 f"low={self.low!r}, high={self.high!r}")
+
     def modify_input(self, x):
         return x
 

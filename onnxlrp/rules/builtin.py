@@ -120,8 +120,7 @@ class AlphaBetaRule(Rule):
     beta: float = DEFAULT_BETA
 
     def __post_init__(self):
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"AlphaBetaRule: alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        super().__post_init__()  # finite and >= 0
         if not np.isclose(self.alpha - self.beta, 1.0):
             raise ValueError(f"AlphaBetaRule: alpha - beta must equal 1, got {self.alpha} - {self.beta}")
 
