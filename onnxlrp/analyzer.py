@@ -25,12 +25,13 @@ from .runtime import cuda_provider_options, make_session, session_device
 GRAPH_DOC = """onnxlrp relevance graph (Layer-wise Relevance Propagation).
 Inputs:
   {x} {xtype} {xshape}: the model's data input{others}
-  output_selection int64 (N): flat output index to explain per sample; -1 = the sample's top output{position}
+  output_selection int64 (N): flat output index to explain per sample; -1 = the sample's top output; any
+    other value outside 0..K-1 is refused: output_selection_used -1 and NaN relevance for that sample{position}
   normalize_output_relevance bool (): true = seed relevance 1, false = seed the output's value
 Outputs:
   output float {yshape}: the model output (softmax stripped)
   relevance float {rshape}: the relevance of {explained}
-  output_selection_used int64 (N): the explained output index per sample
+  output_selection_used int64 (N): the explained output index per sample (-1: the selection was refused)
 Rules:
 {rules}"""
 
@@ -257,14 +258,19 @@ class LRP:
         sel = np.asarray(output_selection)
         if not np.issubdtype(sel.dtype, np.integer):
             raise InputError(f"output_selection must be integers, got {sel.dtype}")
+        if sel.size and sel.max() > np.iinfo(np.int64).max:
+            raise InputError(f"output_selection {int(sel.max())} out of range: the model has "
+                             f"{n_outputs or 'fewer'} outputs per sample")
         sel = np.full(n, int(sel), dtype=np.int64) if sel.ndim == 0 else sel.astype(np.int64).reshape(-1)
         if sel.shape[0] != n:
             raise InputError(f"output_selection has {sel.shape[0]} entries for a batch of {n}")
-        if n_outputs is not None and (np.any(sel < 0) or np.any(sel >= n_outputs)):
-            bad = sorted(set(sel[(sel < 0) | (sel >= n_outputs)].tolist()))
+        # -1 is the sample's top output, as in the exported graph
+        invalid = (sel < -1) | (sel >= n_outputs) if n_outputs is not None else sel < -1
+        if np.any(invalid):
+            bad = sorted(set(sel[invalid].tolist()))
             shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
             raise InputError(f"output_selection {shown} out of range: the model has {n_outputs} outputs "
-                             f"per sample (valid: 0..{n_outputs - 1})")
+                             f"per sample (valid: 0..{n_outputs - 1}, or -1 for the top output)")
         return sel
 
     def analyze(self, x, output_selection=None, *, inputs=None, keep_on_device=False, position=-1) -> Explanation:
@@ -382,8 +388,7 @@ class LRP:
                 raise InputError(f"position {position} out of range: the output has {steps} positions")
             pos = np.broadcast_to(np.where(pos < 0, pos + steps, pos), (x.shape[0],)).astype(np.int64)
             sel = self._selection(output_selection, x.shape[0], per_step)
-            if output_selection is not None:
-                sel = pos * per_step + sel
+            sel = np.where(sel >= 0, pos * per_step + sel, sel)  # -1: the top output at that position
             extra[POSITION] = pos
         else:
             sel = self._selection(output_selection, x.shape[0], n_out)

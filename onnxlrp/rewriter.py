@@ -179,15 +179,19 @@ def _same_params(p, q):
 
 
 def _select_outputs(ctx, y, selection, position):
-    """The flat output index explained per sample: ``selection`` where it is >= 0, else the top output;
-    for sequence outputs (N, T, ...) with ``position`` given, the top output at that position (-1 = last)."""
+    """The flat output index explained per sample: ``selection`` where it is in range, the top output where
+    it is -1 (for sequence outputs (N, T, ...) with ``position`` given, the top output at that position,
+    -1 = last), and -1 where it is anything else: an invalid request is not answered (see _refuse)."""
     b = ctx.b
     flat_y = b.op("Reshape", [y, b.i64([0, -1])])
-    negative = b.op("Less", [selection, b.i64(0)])
+    shape = ctx.shape(y)
+    count = int(np.prod(shape[1:]))
+    top_wanted = b.op("Equal", [selection, b.i64(-1)])
+    in_range = b.op("And", [b.op("GreaterOrEqual", [selection, b.i64(0)]), b.op("Less", [selection, b.i64(count)])])
+    selection = b.op("Where", [in_range, selection, b.i64(-1)])
     if position is None:
         top = b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0})
-        return flat_y, b.op("Where", [negative, top, selection])
-    shape = ctx.shape(y)
+        return flat_y, b.op("Where", [top_wanted, top, selection])
     steps, per_step = int(shape[1]), int(np.prod(shape[2:]))
     pos = b.op("Where", [b.op("Less", [position, b.i64(0)]), b.op("Add", [position, b.i64(steps)]), position])
     rows = b.op("Reshape", [y, b.i64([0, steps, per_step])])
@@ -197,7 +201,7 @@ def _select_outputs(ctx, y, selection, position):
                   attrs={"keepdims": 0})
     top = b.op("ArgMax", [picked], attrs={"axis": 1, "keepdims": 0})
     top = b.op("Add", [b.op("Mul", [pos, b.i64(per_step)]), top])
-    return flat_y, b.op("Where", [negative, top, selection])
+    return flat_y, b.op("Where", [top_wanted, top, selection])
 
 
 def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_relevances=False,
@@ -268,6 +272,11 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     r_x = b.add_all(relevance.get(x.name, []))
     if r_x is None:  # no path from the output to the input
         r_x = b.op("Mul", [x, b.const(np.asarray(0, dtype=dtype))])
+    # an output_selection out of range (not -1) explains nothing: NaN, never a plausible all-zero map
+    refused = b.op("Equal", [selection_used, b.i64(-1)])
+    rank = len(ctx.shape(x))
+    refused = b.op("Reshape", [refused, b.i64([-1] + [1] * (rank - 1))])
+    r_x = b.op("Where", [refused, b.const(np.asarray(np.nan, dtype=dtype)), r_x])
 
     def named_output(name, var, dt=dtype, shape=None):
         out = gs.Variable(name, dtype=dt, shape=shape)

@@ -130,3 +130,24 @@ def test_analyze_function_and_batches(vgg):
     batches = list(vgg.analyze_batches([ref["x"][:2], ref["x"][2:]]))
     np.testing.assert_allclose(np.concatenate([b.val for b in batches]), vgg.analyze(ref["x"]).val, rtol=1e-5,
                                atol=1e-7)
+
+
+def test_the_exported_graph_refuses_out_of_range_selections_and_analyze_agrees_on_minus_one(tmp_path):
+    """An invalid output_selection (10 or 1e6 for 10 classes, -2) used to give an all-zero map or the top
+    class; now output_selection_used is -1 and the relevance NaN for that sample only. -1 means the top
+    output in both the graph and analyze()."""
+    x = load_reference("vgg")["x"][:4]
+    analyzer = onnxlrp.LRP(fixture_path("vgg"), verbose=False)
+    path = analyzer.save(tmp_path / "lrp.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rel, used = session.run(["relevance", "output_selection_used"], {
+        "input": x, "output_selection": np.array([3, 10, 1_000_000, -2]), "normalize_output_relevance": np.array(True)})
+    np.testing.assert_array_equal(used, [3, -1, -1, -1])
+    assert np.all(np.isfinite(rel[0])) and np.abs(rel[0]).sum() > 0
+    assert np.all(np.isnan(rel[1:]))
+    assert "refused" in onnx.load(str(path)).doc_string
+    top = analyzer.analyze(x, -1)
+    np.testing.assert_array_equal(top.output_selection, analyzer.analyze(x).output_selection)
+    for bad in (10, -2, np.uint64(2 ** 63)):
+        with pytest.raises(onnxlrp.InputError, match="out of range"):
+            analyzer.analyze(x, bad)

@@ -675,7 +675,7 @@ def test_output_selection_semantics():
     np.testing.assert_allclose(top.val, e.val)
 
 
-@pytest.mark.parametrize("sel,match", [(3, "out of range"), (-1, "out of range"), ([0, 5, 1], "out of range"),
+@pytest.mark.parametrize("sel,match", [(3, "out of range"), (-2, "out of range"), ([0, 5, 1], "out of range"),
                                        ([0, 1], "2 entries for a batch of 3"), (1.5, "integers")])
 def test_output_selection_errors(sel, match):
     rng = np.random.default_rng(15)
