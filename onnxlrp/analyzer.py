@@ -16,9 +16,9 @@ from .explanation import Explanation
 from .files import atomic_write
 from .layers import build_layers
 from .loading import BATCH_DIM, load_model
+from .precision import ReferenceSession, cast_floats, check_precision, lower_double_ops
 from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
                        export_relevance_model)
-from .precision import ReferenceSession, cast_floats, check_precision, lower_double_ops
 from .rules import Rule
 from .runtime import cuda_provider_options, make_session, session_device
 

@@ -334,7 +334,7 @@ def _zero_spatial_pads(node, rank):
     """(begin, end) spatial pads of a constant-zero Pad on an (N, C, ...) tensor, or None."""
     if node.attrs.get("mode", "constant") not in ("constant", b"constant"):
         return None
-    pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(node.attrs.get("pads", []))
+    pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None  # an input from opset 11 (loaded >= 17)
     if pads is None or len(pads) != 2 * rank or np.any(pads < 0):
         return None
     if len(node.inputs) > 2 and node.inputs[2].name:

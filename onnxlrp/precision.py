@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from ._onnx_utils import const_value
 from .emitters.conv import conv_geometry, flipped_transposed_weight
 from .loading import _infer_shapes
+from .rewriter import Builder
 
 PRECISIONS = {"float32": np.float32, "float64": np.float64}
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -68,24 +69,6 @@ def cast_floats(graph: gs.Graph, dtype=np.float64):
 
 # -- lowering of ops without double kernels -----------------------------------------------------------------
 
-class _Ops:
-    """Adds nodes to ``graph`` with fresh names (the relevance builder's idiom, without its dtype)."""
-
-    def __init__(self, graph, prefix):
-        self.graph, self.prefix, self.n = graph, prefix, 0
-
-    def __call__(self, op, inputs, attrs=None):
-        self.n += 1
-        out = gs.Variable(f"{self.prefix}/{op.lower()}_{self.n}")
-        self.graph.nodes.append(gs.Node(op, name=f"{self.prefix}/{op}_{self.n}", attrs=attrs or {},
-                                        inputs=list(inputs), outputs=[out]))
-        return out
-
-    def const(self, values, dtype=np.int64):
-        self.n += 1
-        return gs.Constant(f"{self.prefix}/const_{self.n}", np.ascontiguousarray(np.asarray(values, dtype=dtype)))
-
-
 def _static_spatial(tensor):
     shape = tensor.shape
     if shape is None or len(shape) < 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:]):
@@ -93,52 +76,52 @@ def _static_spatial(tensor):
     return [int(d) for d in shape[2:]]
 
 
-def _pad_spatial(ops, x, begin, end):
+def _pad_spatial(b, x, begin, end):
     """Zero-pad (or crop, where a pad is negative) the spatial axes of an (N, C, ...) tensor."""
     n = len(begin)
     if any(p < 0 for p in begin + end):
         sizes = _static_spatial(x)
         starts = [max(-p, 0) for p in begin]
         ends = [s - max(-p, 0) for s, p in zip(sizes, end)]
-        x = ops("Slice", [x, ops.const(starts), ops.const(ends), ops.const(list(range(2, 2 + n)))])
+        x = b.op("Slice", [x, b.i64(starts), b.i64(ends), b.i64(list(range(2, 2 + n)))])
         begin, end = [max(p, 0) for p in begin], [max(p, 0) for p in end]
     if any(begin + end):
-        x = ops("Pad", [x, ops.const([0, 0] + list(begin) + [0, 0] + list(end))])
+        x = b.op("Pad", [x, b.i64([0, 0] + list(begin) + [0, 0] + list(end))])
     return x
 
 
-def _window_slices(ops, x, padded, kernel, strides, dilations):
+def _window_slices(b, x, padded, kernel, strides, dilations):
     """One strided Slice of the padded (N, C, ...) input per kernel offset (row-major), and the output size."""
     n = len(kernel)
     out = [(p - (k - 1) * d - 1) // s + 1 for p, k, s, d in zip(padded, kernel, strides, dilations)]
-    axes, steps = ops.const(list(range(2, 2 + n))), ops.const(strides)
+    axes, steps = b.i64(list(range(2, 2 + n))), b.i64(strides)
     slices = []
     for offset in itertools.product(*(range(k) for k in kernel)):
         starts = [o * d for o, d in zip(offset, dilations)]
         ends = [st + (o - 1) * s + 1 for st, o, s in zip(starts, out, strides)]
-        slices.append(ops("Slice", [x, ops.const(starts), ops.const(ends), axes, steps]))
+        slices.append(b.op("Slice", [x, b.i64(starts), b.i64(ends), axes, steps]))
     return slices, out
 
 
-def _conv(ops, x, weight, bias, in_spatial, strides, dilations, begin, end, group):
+def _conv(b, x, weight, bias, in_spatial, strides, dilations, begin, end, group):
     """Conv as a sum over kernel offsets of one batched MatMul each (weight a numpy array (M, C/g, k...)).
     One im2col MatMul would hold all k*k shifted copies of the input at once (11 GB on the zoo's VGG19);
     summing per offset holds one."""
     m, cg = weight.shape[:2]
     kernel = list(weight.shape[2:])
-    x = _pad_spatial(ops, x, list(begin), list(end))
+    x = _pad_spatial(b, x, list(begin), list(end))
     padded = [s + b + e for s, b, e in zip(in_spatial, begin, end)]
-    slices, out = _window_slices(ops, x, padded, kernel, strides, dilations)
+    slices, out = _window_slices(b, x, padded, kernel, strides, dilations)
     p = int(np.prod(out))
     taps = weight.reshape(group, m // group, cg, -1)  # (g, M/g, C/g, kk), kernel offsets row-major
     terms = []
     for k, window in enumerate(slices):
-        cols = ops("Reshape", [window, ops.const([0, group, cg, p])])
-        terms.append(ops("MatMul", [ops.const(np.ascontiguousarray(taps[..., k]), weight.dtype), cols]))
-    y = terms[0] if len(terms) == 1 else ops("Sum", terms)  # (N, g, M/g, P)
-    y = ops("Reshape", [y, ops.const([0, m] + out)])
+        cols = b.op("Reshape", [window, b.i64([0, group, cg, p])])
+        terms.append(b.op("MatMul", [b.const(taps[..., k]), cols]))
+    y = terms[0] if len(terms) == 1 else b.op("Sum", terms)  # (N, g, M/g, P)
+    y = b.op("Reshape", [y, b.i64([0, m] + out)])
     if bias is not None:
-        y = ops("Add", [y, ops.const(bias.reshape([m] + [1] * len(out)), bias.dtype)])
+        y = b.op("Add", [y, b.const(bias.reshape([m] + [1] * len(out)))])
     return y
 
 
@@ -154,16 +137,16 @@ def _conv_operands(node):
     return x, w, bias, spatial
 
 
-def _lower_conv(ops, node):
+def _lower_conv(b, node):
     operands = _conv_operands(node)
     if operands is None:
         return None
     x, w, bias, spatial = operands
     strides, dilations, begin, end = conv_geometry(node, spatial, w.shape[2:])
-    return _conv(ops, x, w, bias, spatial, strides, dilations, begin, end, int(node.attrs.get("group", 1)))
+    return _conv(b, x, w, bias, spatial, strides, dilations, begin, end, int(node.attrs.get("group", 1)))
 
 
-def _lower_conv_transpose(ops, node):
+def _lower_conv_transpose(b, node):
     """ConvTranspose = Conv of the zero-interleaved input with the flipped, transposed kernel."""
     operands = _conv_operands(node)
     if operands is None or "output_shape" in node.attrs or \
@@ -182,18 +165,18 @@ def _lower_conv_transpose(ops, node):
         if s == 1:
             continue
         a, rank = 2 + axis, n + 3  # (.., H, ..) -> (.., H, s, ..), zeros after each row -> (.., Hs, ..) -> (H-1)s+1
-        x = ops("Unsqueeze", [x, ops.const([a + 1])])
+        x = b.op("Unsqueeze", [x, b.i64([a + 1])])
         widths = [0] * (2 * rank)
         widths[rank + a + 1] = s - 1
-        x = ops("Pad", [x, ops.const(widths)])
+        x = b.op("Pad", [x, b.i64(widths)])
         target = [0, 0] + [size * s if j == axis else size for j, size in enumerate(sizes)]
-        x = ops("Reshape", [x, ops.const(target)])
-        x = ops("Slice", [x, ops.const([0]), ops.const([(sizes[axis] - 1) * s + 1]), ops.const([a])])
+        x = b.op("Reshape", [x, b.i64(target)])
+        x = b.op("Slice", [x, b.i64([0]), b.i64([(sizes[axis] - 1) * s + 1]), b.i64([a])])
         sizes[axis] = (sizes[axis] - 1) * s + 1
     begin = [d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads[:n])]
     end = [d * (k - 1) - p + extra for d, k, p, extra in zip(dilations, kernel, pads[n:], output_padding)]
     # the (C_in, C_out/g, k...) weight read as a Conv weight is transposed and flipped by the same helper
-    return _conv(ops, x, flipped_transposed_weight(w, group), bias, sizes, [1] * n, dilations, begin, end, group)
+    return _conv(b, x, flipped_transposed_weight(w, group), bias, sizes, [1] * n, dilations, begin, end, group)
 
 
 def _window_counts(in_spatial, kernel, strides, dilations, begin, end, include_pad, extra_end):
@@ -209,7 +192,7 @@ def _window_counts(in_spatial, kernel, strides, dilations, begin, end, include_p
     return counts
 
 
-def _lower_average_pool(ops, node):
+def _lower_average_pool(b, node):
     x = node.inputs[0]
     spatial = _static_spatial(x)
     if spatial is None:
@@ -227,39 +210,37 @@ def _lower_average_pool(ops, node):
             extra[i] = max(0, (out - 1) * s + (k - 1) * d + 1 - (size + begin[i] + end[i]))
     include_pad = bool(node.attrs.get("count_include_pad", 0))
     counts = _window_counts(spatial, kernel, strides, dilations, begin, end, include_pad, extra)
-    xp = _pad_spatial(ops, x, list(begin), [e + x_ for e, x_ in zip(end, extra)])
+    xp = _pad_spatial(b, x, list(begin), [e + x_ for e, x_ in zip(end, extra)])
     padded = [s + b + e + x_ for s, b, e, x_ in zip(spatial, begin, end, extra)]
-    slices, _ = _window_slices(ops, xp, padded, kernel, strides, dilations)
-    total = slices[0] if len(slices) == 1 else ops("Sum", slices)
-    dtype = np.dtype(x.dtype or np.float64)
-    return ops("Mul", [total, ops.const((1.0 / counts)[None, None], dtype)])
+    slices, _ = _window_slices(b, xp, padded, kernel, strides, dilations)
+    total = slices[0] if len(slices) == 1 else b.op("Sum", slices)
+    return b.op("Mul", [total, b.const((1.0 / counts)[None, None])])
 
 
-def _lower_global_average_pool(ops, node):
+def _lower_global_average_pool(b, node):
     x = node.inputs[0]
     spatial = _static_spatial(x)
     if spatial is None:
         return None
-    total = ops("ReduceSum", [x, ops.const(list(range(2, 2 + len(spatial))))], {"keepdims": 1})
-    return ops("Mul", [total, ops.const(1.0 / np.prod(spatial), np.dtype(x.dtype or np.float64))])
+    total = b.op("ReduceSum", [x, b.i64(list(range(2, 2 + len(spatial))))], {"keepdims": 1})
+    return b.op("Mul", [total, b.const(np.asarray(1.0 / np.prod(spatial)))])
 
 
-def _lower_lrn(ops, node):
+def _lower_lrn(b, node):
     """y = x / (bias + alpha/size * sum of x^2 over a window of channels) ** beta."""
     x = node.inputs[0]
     if x.shape is None or not isinstance(x.shape[1], (int, np.integer)):
         return None
     size = int(node.attrs["size"])
     alpha, beta, bias = (float(node.attrs.get(k, v)) for k, v in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
-    dtype = np.dtype(x.dtype or np.float64)
     channels, rank = int(x.shape[1]), len(x.shape)
-    square = ops("Mul", [x, x])
+    square = b.op("Mul", [x, x])
     lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
-    padded = ops("Pad", [square, ops.const([0, lo] + [0] * (rank - 2) + [0, hi] + [0] * (rank - 2))])
-    window = [ops("Slice", [padded, ops.const([i]), ops.const([i + channels]), ops.const([1])]) for i in range(size)]
-    total = window[0] if size == 1 else ops("Sum", window)
-    scaled = ops("Add", [ops("Mul", [total, ops.const(alpha / size, dtype)]), ops.const(bias, dtype)])
-    return ops("Div", [x, ops("Pow", [scaled, ops.const(beta, dtype)])])
+    padded = b.op("Pad", [square, b.i64([0, lo] + [0] * (rank - 2) + [0, hi] + [0] * (rank - 2))])
+    window = [b.op("Slice", [padded, b.i64([i]), b.i64([i + channels]), b.i64([1])]) for i in range(size)]
+    total = window[0] if size == 1 else b.op("Sum", window)
+    scaled = b.op("Add", [b.op("Mul", [total, b.const(np.asarray(alpha / size))]), b.const(np.asarray(bias))])
+    return b.op("Div", [x, b.op("Pow", [scaled, b.const(np.asarray(beta))])])
 
 
 LOWERINGS = {"Conv": _lower_conv, "ConvTranspose": _lower_conv_transpose, "AveragePool": _lower_average_pool,
@@ -273,13 +254,13 @@ def lower_double_ops(graph: gs.Graph):
     if not any(node.op in LOWERINGS for node in graph.nodes):
         return set()
     _infer_shapes(graph, "the float64 relevance graph")  # the emitted tensors' sizes, for the slices
+    b = Builder(graph, np.float64, prefix="lrp/double")
     left = set()
     for index, node in enumerate(list(graph.nodes)):
         lower = LOWERINGS.get(node.op)
         if lower is None:
             continue
-        ops = _Ops(graph, f"lrp/double/{index}")
-        result = lower(ops, node)
+        result = lower(b, node)
         if result is None:
             left.add(node.op)
             continue

@@ -32,8 +32,9 @@ CONCEPT_RELEVANCE = "concept_relevance"
 class Builder:
     """Adds nodes and deduplicated constants to a gs graph."""
 
-    def __init__(self, graph: gs.Graph, dtype):
+    def __init__(self, graph: gs.Graph, dtype, prefix="lrp"):
         self.graph = graph
+        self.prefix = prefix  # a second builder on the same graph needs its own (float64 lowering)
         self.dtype = np.dtype(dtype)
         self.onnx_dtype = onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
         self._n = 0
@@ -42,7 +43,7 @@ class Builder:
 
     def fresh(self, hint):
         self._n += 1
-        return f"lrp/{hint}_{self._n}"
+        return f"{self.prefix}/{hint}_{self._n}"
 
     def variable(self, hint, dtype=None):
         return gs.Variable(self.fresh(hint), dtype=dtype)
@@ -181,7 +182,8 @@ def _same_params(p, q):
 def _select_outputs(ctx, y, selection, position):
     """The flat output index explained per sample: ``selection`` where it is in range, the top output where
     it is -1 (for sequence outputs (N, T, ...) with ``position`` given, the top output at that position,
-    -1 = last), and -1 where it is anything else: an invalid request is not answered (see _refuse)."""
+    -1 = last), and -1 where it is anything else: an invalid request is not answered (emit_relevance_graph
+    makes that sample's relevance NaN)."""
     b = ctx.b
     flat_y = b.op("Reshape", [y, b.i64([0, -1])])
     shape = ctx.shape(y)

@@ -145,15 +145,14 @@ class DivisionGuard(float):
 
 def stabilize(z, epsilon):
     """z + epsilon * sign(z), with sign(0) = +1, so a zero denominator becomes epsilon."""
+    dtype = z.builder.dtype if isinstance(z, Sym) else np.asarray(z).dtype
+    if isinstance(epsilon, DivisionGuard):
+        epsilon = epsilon.for_dtype(dtype)
     if isinstance(z, Sym):
         # (z + eps) - 2 eps [z < 0]: onnxruntime's Where with scalar branches is several times slower
         # than Less + Cast + Mul, and this runs on every layer's pre-activations.
         b = z.builder
-        if isinstance(epsilon, DivisionGuard):
-            epsilon = epsilon.for_dtype(b.dtype)
-        negative = b.op("Cast", [b.op("Less", [z.var, b.const(np.asarray(0, b.dtype))])], attrs={"to": b.onnx_dtype})
-        shifted = b.op("Add", [z.var, b.const(np.asarray(epsilon, b.dtype))])
-        return z._wrap(b.op("Sub", [shifted, b.op("Mul", [negative, b.const(np.asarray(2 * epsilon, b.dtype))])]))
-    if isinstance(epsilon, DivisionGuard):
-        epsilon = epsilon.for_dtype(np.asarray(z).dtype)
-    return z + sign0(z) * np.asarray(epsilon, dtype=np.asarray(z).dtype)
+        negative = b.op("Cast", [b.op("Less", [z.var, b.const(np.asarray(0, dtype))])], attrs={"to": b.onnx_dtype})
+        shifted = b.op("Add", [z.var, b.const(np.asarray(epsilon, dtype))])
+        return z._wrap(b.op("Sub", [shifted, b.op("Mul", [negative, b.const(np.asarray(2 * epsilon, dtype))])]))
+    return z + sign0(z) * np.asarray(epsilon, dtype=dtype)
