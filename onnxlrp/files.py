@@ -39,7 +39,3 @@ def atomic_write(target, mode="wb", encoding=None):
             pass
         raise
 
-
-def exists_or_link(path):
-    """Whether anything is at ``path``, a dangling symlink included (os.path.exists follows links)."""
-    return os.path.lexists(path)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import click
 import numpy as np
 
-from ..files import atomic_write, exists_or_link
+from ..files import atomic_write
 from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cli, debug_option,
                   device_option, fmt_shape, load_analyzer, model_argument, pop_rule_kwargs, precision_option,
                   rule_options, skip_checks_option)
@@ -244,12 +244,13 @@ def plan_outputs(samples, out, spec, save_npy):
 def prepare_out_dir(out, samples, force):
     """Refuse existing outputs without --force, create the folder, check that it is writable.
     Returns the folders created (removed again if the run fails before writing)."""
-    if exists_or_link(out) and not os.path.isdir(out):
+    # lexists: a dangling symlink counts as something there (writing would follow it)
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out}: exists and is not a folder" if os.path.exists(out) else
                        f"--out {out}: is a symlink to nothing; remove it or choose another --out")
     targets = [p for s in samples for p in s.outputs.values()]
     if os.path.isdir(out) and not force:
-        existing = [p for p in targets if exists_or_link(p)]
+        existing = [p for p in targets if os.path.lexists(p)]
         if existing:
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
             raise CLIError(f"{existing[0]}{more} exist already; pass --force to overwrite, or choose another --out")
@@ -522,7 +523,7 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     label_names = load_labels(labels) if labels else None
     # verbose=False: the device is named in the closing line instead of a notice before any error
     analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks,
-                                 precision=precision)
+                             precision=precision)
     if analyzer.token_input:
         raise CLIError(f"{model}: the model's input '{analyzer.data_input}' is token ids: explain text with "
                        "--text or --text-file and --tokenizer tokenizer.json")
@@ -574,18 +575,18 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
             # NaN/Inf in an input gives NaN relevance, which a heatmap shows as "no relevance": refuse it
             # per input and explain the others
             finite = [bool(np.all(np.isfinite(xi))) for xi, _ in loaded]
-            for s, ok in zip(batch, finite):
+            explained = iter(())
+            if any(finite):
+                kept = [s for s, ok in zip(batch, finite) if ok]
+                kept_loaded = [item for item, ok in zip(loaded, finite) if ok]
+                expl = analyzer.analyze(np.stack([xi for xi, _ in kept_loaded]), output_selection)
+                explained = iter(_write_batch(kept, kept_loaded, expl, spec, hm_kwargs, overlay_alpha, label_names))
+                written += sum(len(s.outputs) for s in kept)
+            for s, ok in zip(batch, finite):  # in input order
                 if not ok:
                     s.outputs.clear()
-                    rows.append(_error_row(s, "the input holds NaN or infinite values"))
-            batch = [s for s, ok in zip(batch, finite) if ok]
-            loaded = [item for item, ok in zip(loaded, finite) if ok]
-            if batch:
-                x = np.stack([xi for xi, _ in loaded])
-                expl = analyzer.analyze(x, output_selection)
-                rows.extend(_write_batch(batch, loaded, expl, spec, hm_kwargs, overlay_alpha, label_names))
-                written += sum(len(s.outputs) for s in batch)
-            bar.update(len(finite))
+                rows.append(next(explained) if ok else _row(s, error="the input holds NaN or infinite values"))
+            bar.update(len(batch))
     except BaseException:
         if written == 0:
             remove_dirs(created)
@@ -594,16 +595,15 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
         bar.close()
         arrays.clear()
 
-    order = {id(s): k for k, s in enumerate(samples)}
-    rows.sort(key=lambda r: order[r.pop("_sample")])
     if as_json:  # strict JSON: no NaN
         click.echo(json.dumps({"model": model, "rules": desc, "device": analyzer.execution_device,
                                "out": out, "results": rows}, indent=2, allow_nan=False))
     else:
         print_table(rows, explained_col=output_selection is not None)
     failed = [r for r in rows if r["status"] != "ok"]
-    for r in failed if not as_json else []:
-        click.echo(f"onnxlrp: error: {r['input']}: {r['error']}", err=True)
+    if not as_json:  # the JSON carries them
+        for r in failed:
+            click.echo(f"onnxlrp: error: {r['input']}: {r['error']}", err=True)
     if not quiet:
         kinds = Counter(k for s in samples for k in s.outputs)
         nouns = {"heatmap": ("heatmap", "heatmaps"), "overlay": ("overlay", "overlays"),
@@ -615,11 +615,16 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
         sys.exit(1)
 
 
-def _error_row(s, message):
-    return {"_sample": id(s), "status": "error", "error": message, "input": s.path, "index": s.index,
-            "name": s.name, "predicted": None, "predicted_label": None, "score": None, "explained": None,
-            "explained_label": None, "explained_score": None, "relevance_sum": None, "heatmap": None,
-            "overlay": None, "relevance": None}
+def _row(s, error=None, **values):
+    """One input's line of the results (table and --json): the explained values, or None everywhere with
+    ``error`` saying why the input was not explained."""
+    row = {"status": "ok" if error is None else "error", "error": error, "input": s.path, "index": s.index,
+           "name": s.name}
+    for key in ("predicted", "predicted_label", "score", "explained", "explained_label", "explained_score",
+                "relevance_sum", "heatmap", "overlay", "relevance"):
+        row[key] = values.pop(key, None)
+    assert not values, f"unknown result fields {sorted(values)}"
+    return row
 
 
 def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
@@ -632,8 +637,8 @@ def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
         if not (np.all(np.isfinite(rel[i])) and np.all(np.isfinite(outputs[i]))):
             s.outputs.clear()  # no picture that looks valid
             what = "output" if not np.all(np.isfinite(outputs[i])) else "relevance"
-            rows.append(_error_row(s, f"the model's {what} is not finite (NaN or infinite values; check the "
-                                      "input's range, or explain it with the Python API's layer_relevances)"))
+            rows.append(_row(s, error=f"the model's {what} is not finite (NaN or infinite values; check the "
+                                    "input's range, or explain it with the Python API's layer_relevances)"))
             continue
         pred = int(np.argmax(outputs[i]))
         sel = int(expl.output_selection[i])
@@ -644,13 +649,9 @@ def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
             save_png(heatmap_overlay(r, display, alpha, layout=spec.layout, **hm_kwargs)[0], s.outputs["overlay"])
         if "relevance" in s.outputs:
             save_npy(rel[i], s.outputs["relevance"])
-        rows.append({
-            "_sample": id(s), "status": "ok", "error": None,
-            "input": s.path, "index": s.index, "name": s.name,
-            "predicted": pred, "predicted_label": _label(labels, pred), "score": float(outputs[i, pred]),
-            "explained": sel, "explained_label": _label(labels, sel), "explained_score": float(outputs[i, sel]),
-            "relevance_sum": float(rel[i].sum(dtype=np.float64)),
-            "heatmap": s.outputs.get("heatmap"), "overlay": s.outputs.get("overlay"),
-            "relevance": s.outputs.get("relevance"),
-        })
+        rows.append(_row(
+            s, predicted=pred, predicted_label=_label(labels, pred), score=float(outputs[i, pred]),
+            explained=sel, explained_label=_label(labels, sel), explained_score=float(outputs[i, sel]),
+            relevance_sum=float(rel[i].sum(dtype=np.float64)), heatmap=s.outputs.get("heatmap"),
+            overlay=s.outputs.get("overlay"), relevance=s.outputs.get("relevance")))
     return rows
