@@ -11,10 +11,13 @@ The double forward pass is the model itself cast to double (softmax stripped by 
 onnxruntime has no double kernel for are lowered exactly (tests/test_precision.py checks each against onnx's
 reference evaluator).
 """
+import gc
+
 import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+import onnxlrp
 from onnxlrp._onnx_utils import export_model
 from onnxlrp.canonize import canonize_graph
 from onnxlrp.loading import load_model
@@ -145,3 +148,28 @@ def directional_derivatives(path, x, selection, directions):
         for j, v in enumerate(directions):  # one at a time: the frozen max-pools gather one sample's argmax
             result[i, j] = run(np.asarray(v, np.float64)[None]).reshape(-1)[selection[i]]
     return result
+
+
+def identity_error(path, x, directions=4, coordinates=8):
+    """Worst per-sample |<R - x * grad, u>| / (|R| |u|) over random dense and single-pixel u, with the
+    gradient's directional derivatives from the model's affine map on x's linear region (above)."""
+    analyzer = onnxlrp.LRP(path, precision="float64", normalize_output_relevance=False, verbose=False)
+    expl = analyzer.analyze(x)
+    assert expl.val.dtype == np.float64 and expl.output.dtype == np.float64
+    del analyzer  # the reference below builds two double sessions of its own (VGG19: 1.1 GB of weights each)
+    gc.collect()
+    n, d = len(x), int(np.prod(x.shape[1:]))
+    rng = np.random.default_rng(2)
+    pixels = np.zeros((coordinates, d))
+    pixels[np.arange(coordinates), rng.choice(d, coordinates, replace=False)] = 1.0
+    u = np.concatenate([rng.standard_normal((directions, d)), pixels])
+    relevance = expl.val.reshape(n, d)
+    worst = 0.0
+    for i in range(n):
+        # along v = x * u the derivative of the explained logit is <x * grad, u>
+        v = (x[i].reshape(1, d) * u).reshape((-1,) + x.shape[1:])
+        want = directional_derivatives(path, x[i:i + 1], expl.output_selection[i:i + 1], v)[0]
+        got = u @ relevance[i]
+        worst = max(worst, float(np.max(np.abs(got - want) / (np.linalg.norm(relevance[i]) *
+                                                                 np.linalg.norm(u, axis=1)))))
+    return worst

@@ -1,5 +1,7 @@
 """The float64 path: the lowering of ops onnxruntime has no double kernel for, against onnx's reference
 evaluator in double (an independent implementation), and LRP in float64 against float64 gradients."""
+import os
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -8,7 +10,10 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
+import onnxlrp
 from onnxlrp.precision import LOWERINGS, cast_floats, lower_double_ops
+from tests.helpers_fixtures import fixture_path, load_reference, relative_l2
+from tests.helpers_float64 import identity_error
 
 RNG = np.random.default_rng(0)
 
@@ -111,12 +116,6 @@ def test_cast_floats_reaches_constants_casts_and_attributes():
 
 
 # -- LRP in float64 ----------------------------------------------------------------------------------------
-import gc  # noqa: E402
-import os  # noqa: E402
-
-import onnxlrp  # noqa: E402
-from tests.helpers_fixtures import fixture_path, load_reference, relative_l2  # noqa: E402
-from tests.helpers_float64 import directional_derivatives  # noqa: E402
 
 #: fixtures built only from ReLU, max-pool and linear ops (mobilenet's ReLU6 saturates: LRP passes
 #: relevance through it, the gradient does not)
@@ -130,42 +129,17 @@ LIGHT_PIECEWISE_LINEAR = ["light_densenet121", "light_inception_v2", "light_resn
                           "light_squeezenet", pytest.param("light_vgg19", marks=HEAVY)]
 
 
-def _identity_error(path, x, directions=4, coordinates=8):
-    """Worst per-sample |<R - x * grad, u>| / (|R| |u|) over random dense and single-pixel u, with the
-    gradient's directional derivatives from the model's affine map on x's linear region (helpers_float64)."""
-    analyzer = onnxlrp.LRP(path, precision="float64", normalize_output_relevance=False, verbose=False)
-    expl = analyzer.analyze(x)
-    assert expl.val.dtype == np.float64 and expl.output.dtype == np.float64
-    del analyzer  # the reference below builds two double sessions of its own (VGG19: 1.1 GB of weights each)
-    gc.collect()
-    n, d = len(x), int(np.prod(x.shape[1:]))
-    rng = np.random.default_rng(2)
-    pixels = np.zeros((coordinates, d))
-    pixels[np.arange(coordinates), rng.choice(d, coordinates, replace=False)] = 1.0
-    u = np.concatenate([rng.standard_normal((directions, d)), pixels])
-    relevance = expl.val.reshape(n, d)
-    worst = 0.0
-    for i in range(n):
-        # along v = x * u the derivative of the explained logit is <x * grad, u>
-        v = (x[i].reshape(1, d) * u).reshape((-1,) + x.shape[1:])
-        want = directional_derivatives(path, x[i:i + 1], expl.output_selection[i:i + 1], v)[0]
-        got = u @ relevance[i]
-        worst = max(worst, float(np.max(np.abs(got - want) / (np.linalg.norm(relevance[i]) *
-                                                                 np.linalg.norm(u, axis=1)))))
-    return worst
-
-
 @pytest.mark.parametrize("name", PIECEWISE_LINEAR)
 def test_lrp0_is_gradient_times_input_in_float64(name):
     x = load_reference(name.split("_")[0])["x"][:2].astype(np.float64)
-    assert _identity_error(fixture_path(name), x) <= 1e-10
+    assert identity_error(fixture_path(name), x) <= 1e-10
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LIGHT_PIECEWISE_LINEAR)
 def test_lrp0_is_gradient_times_input_in_float64_on_the_zoo(name):
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224))
-    assert _identity_error(os.path.join(LIGHT, name + ".onnx"), x, directions=2, coordinates=4) <= 1e-10
+    assert identity_error(os.path.join(LIGHT, name + ".onnx"), x, directions=2, coordinates=4) <= 1e-10
 
 
 @pytest.mark.parametrize("preset", sorted(set(onnxlrp.PRESETS) - {"AttnLRP", "CPLRP"}))

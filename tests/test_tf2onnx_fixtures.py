@@ -20,6 +20,7 @@ import pytest
 
 import onnxlrp
 from tests.helpers_fixtures import relative_l2
+from tests.helpers_float64 import identity_error
 
 DIR = Path(__file__).resolve().parent.parent / "models_fixtures" / "tf2onnx"
 MANIFEST = {k: v for k, v in json.loads((DIR / "manifest.json").read_text()).items() if not k.startswith("_")}
@@ -87,14 +88,13 @@ def test_lrp0_in_float64(model):
     as a float32 attribute (1e-3 -> 1.00000005e-3) or folds it into the convolution in float32, so there
     LRP-0 is held to the ONNX model's own float64 gradient (<= 1e-10, tests/helpers_float64.py) and to
     TensorFlow's within that rounding (<= 1e-6)."""
-    from tests.test_precision import _identity_error
     r = ref(model)
     path = str(DIR / f"{model}_op17.onnx")
     expl = onnxlrp.LRP(path, precision="float64", normalize_output_relevance=False,
                        verbose=False).analyze(r["x"].astype(np.float64), r["selection"])
     exact = model in ("vgg16", "keras_mlp")
     assert relative_l2(expl.val, r["grad_x_input64"]).max() <= (1e-12 if exact else 1e-6)
-    assert _identity_error(path, r["x"][:1].astype(np.float64)) <= 1e-10
+    assert identity_error(path, r["x"][:1].astype(np.float64)) <= 1e-10
 
 
 @pytest.mark.parametrize("preset", PRESETS)
