@@ -19,7 +19,7 @@ from .loading import BATCH_DIM, load_model
 from .precision import ReferenceSession, cast_floats, check_precision, lower_double_ops
 from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
                        export_relevance_model)
-from .rules import Rule
+from .rules import AlphaBetaRule, Rule
 from .runtime import cuda_provider_options, make_session, session_device
 
 GRAPH_DOC = """onnxlrp relevance graph (Layer-wise Relevance Propagation).
@@ -29,7 +29,7 @@ Inputs:
     other value outside 0..K-1 is refused: output_selection_used -1 and NaN relevance for that sample{position}
   normalize_output_relevance bool (): true = seed relevance 1, false = seed the output's value
 Outputs:
-  output float {yshape}: the model output (softmax stripped)
+  output float {yshape}: the model output '{yname}' (softmax stripped)
   relevance float {rshape}: the relevance of {explained}
   output_selection_used int64 (N): the explained output index per sample (-1: the selection was refused)
 Rules:
@@ -54,7 +54,9 @@ class LRP:
     ``LRP(model, rule)``: that rule on every layer it fits.
 
     The data input is the first graph input that has no initializer; pass ``input_name`` to explain
-    another one, and the other inputs' values to ``analyze(..., inputs={name: array})``.
+    another one, and the other inputs' values to ``analyze(..., inputs={name: array})``. A model with
+    several graph outputs explains the first one (and says so when ``verbose``); ``output_name`` picks
+    another. ``model_outputs`` lists them all and ``output_name`` is the one explained.
 
     ``precision="float64"`` runs everything in double (canonization, modified weights, the relevance graph),
     to tell float32 rounding apart from rule effects; ops onnxruntime has no double kernel for are lowered to
@@ -66,12 +68,17 @@ class LRP:
 
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
-                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32"):
+                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32", output_name=None):
         self.precision = precision
         self._dtype = check_precision(precision)
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
         self._model, self._input_name = model, input_name  # read again for other input shapes
+        self.output_name = output_name
         loaded = self._load(None)
+        if verbose and len(self.model_outputs) > 1 and output_name is None:
+            print(f"onnxlrp: {self.source} has {len(self.model_outputs)} outputs "
+                  f"({', '.join(self.model_outputs)}); explaining '{self.output_name}' (choose another with "
+                  "output_name=)", file=sys.stderr)
         self.canonization = canonize_graph(loaded.graph)
         self.data_input = loaded.data_input
         self.other_inputs = loaded.other_inputs
@@ -106,6 +113,7 @@ class LRP:
         self._built_concepts = {}
         self._out_shapes = {}
         self._explosion_reported = False
+        self._nonfinite_reason = None
         if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
             self._build(tuple(self.input_shape[1:]))
 
@@ -130,9 +138,32 @@ class LRP:
     # -- emission ---------------------------------------------------------------------------------------
     def _load(self, feature_shape):
         loaded = load_model(self._model, self._input_name, feature_shape)
+        self._select_output(loaded)
         if self._dtype != np.float32:  # before canonizing: BatchNorm fusion is then exact in double too
             cast_floats(loaded.graph, self._dtype)
         return loaded
+
+    def _select_output(self, loaded):
+        """Keep the one graph output that is explained (the first unless ``output_name`` says), and drop
+        the nodes and inputs that only the others need."""
+        graph = loaded.graph
+        self.model_outputs = [t.name for t in graph.outputs]
+        name = self.output_name if self.output_name is not None else self.model_outputs[0]
+        chosen = next((t for t in graph.outputs if t.name == name), None)
+        if chosen is None:
+            raise InputError(f"{self.source}: the model has no output named {name!r}; its outputs are "
+                             f"{self.model_outputs}")
+        self.output_name = name
+        if len(graph.outputs) == 1:
+            return
+        graph.outputs = [chosen]
+        graph.cleanup(remove_unused_graph_inputs=False)
+        used = {t.name for node in graph.nodes for t in node.inputs} | {chosen.name}
+        if loaded.data_input not in used:
+            raise InputError(f"{self.source}: output {name!r} does not depend on the data input "
+                             f"'{loaded.data_input}'; nothing to explain")
+        loaded.other_inputs = [n for n in loaded.other_inputs if n in used]
+        graph.inputs = [t for t in graph.inputs if t.name == loaded.data_input or t.name in loaded.other_inputs]
 
     def _build(self, feature_shape, concept_layer=None):
         # CRP graphs (with a concept mask) are kept apart: relevance_model/save mean the plain graph.
@@ -171,7 +202,7 @@ class LRP:
         r = graph.tensors()[self.explained]
         others = "".join(f"\n  {name} {np.dtype(t.dtype)} {_fmt_shape(t.shape or ('?',))}: another model input"
                          for name, t in ((t.name, t) for t in graph.inputs if t.name in self.other_inputs))
-        doc = GRAPH_DOC.format(x=self.data_input, xtype=self.input_dtype, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
+        doc = GRAPH_DOC.format(x=self.data_input, yname=self.output_name, xtype=self.input_dtype, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
                                others=others, position=POSITION_DOC if self.sequence_output else "",
                                yshape=_fmt_shape(y.shape or ("?",)), rshape=_fmt_shape(r.shape or ("?",)),
                                explained="the input" if not self.token_input else
@@ -250,7 +281,14 @@ class LRP:
                                      f"{_fmt_shape(expected)}, got {x.shape}")
         if x.shape[0] == 0:
             raise InputError(f"{self.source}: empty batch")
-        return np.ascontiguousarray(x, dtype=self.input_dtype)
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
+        if not self.token_input and not np.all(np.isfinite(x)):
+            # NaN in, NaN relevance out would read as "no relevance" in a heatmap
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1)).tolist()
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise InputError(f"{self.source}: input '{self.data_input}' holds NaN or infinite values "
+                             f"(sample{'s' if len(bad) > 1 else ''} {shown})")
+        return x
 
     def _selection(self, output_selection, n, n_outputs):
         if output_selection is None:
@@ -288,7 +326,8 @@ class LRP:
         x = self._check_input(x)
         feature_shape = tuple(x.shape[1:])
         _, session = self._build(feature_shape)
-        feeds = self._feeds(x, output_selection, inputs, self._out_shapes.get(feature_shape), position)
+        feeds = self._feeds(x, output_selection, inputs, self._out_shapes.get(feature_shape), position,
+                            _session_input_shapes(session))
         names = [o.name for o in session.get_outputs()]
         results = self._run_bound(session, feeds, names, keep_on_device)
         extras = {}
@@ -308,9 +347,66 @@ class LRP:
         expl = Explanation(val=results[RELEVANCE], output=results[OUTPUT],
                            output_selection=selection, analyzer="LRP", heatmap="attribution",
                            extras=extras)
-        if not keep_on_device and not self._explosion_reported:
-            self._check_explosion(x, expl, feeds)
+        if not keep_on_device:
+            finite = self._check_finite(x, expl, feeds)
+            if finite and not self._explosion_reported:
+                self._check_explosion(x, expl, feeds)
         return expl
+
+    def _check_finite(self, x, expl, feeds):
+        """False (and an LRPWarning naming the layer, once per analyzer) when a sample's output or relevance
+        is not finite; ``expl.extras["nonfinite"]`` then holds the samples and the reason, on every call."""
+        n = len(x)
+        out_ok = np.isfinite(np.asarray(expl.output).reshape(n, -1)).all(1)
+        rel_ok = np.isfinite(np.asarray(expl.val).reshape(n, -1)).all(1)
+        bad = np.flatnonzero(~(out_ok & rel_ok))
+        if not bad.size:
+            return True
+        first = int(bad[0])
+        if self._nonfinite_reason is None:
+            self._nonfinite_reason = (self._overflow_reason(feeds, first) if not out_ok[first]
+                                      else self._nonfinite_relevance_reason(x, feeds, first))
+            warnings.warn(f"{self.source}: sample {first}: {self._nonfinite_reason}", LRPWarning, stacklevel=3)
+        expl.extras["nonfinite"] = {"samples": bad.tolist(), "reason": self._nonfinite_reason}
+        return False
+
+    @staticmethod
+    def _describe(layer):
+        return f"layer {layer.index} '{layer.name}' ({layer.op_type})"
+
+    def _overflow_reason(self, feeds, index):
+        """Why the forward pass is not finite: the first layer whose output overflows (the input is finite)."""
+        reason = "the model's output is not finite (NaN or infinite values: its forward pass overflows float32)"
+        try:
+            import onnx_graphsurgeon as gs
+            graph = self._canonical.copy()
+            tensors = graph.tensors()
+            layers = sorted(self.layers, key=lambda l: l.index)
+            outs = [tensors[l.outputs[0].name] for l in layers]
+            for t in outs:
+                t.dtype = t.dtype or self._dtype
+            graph.outputs = outs
+            session = make_session(gs.export_onnx(graph).SerializeToString(), "cpu", verbose=False)
+            wanted = {i.name for i in session.get_inputs()}
+            values = session.run(None, {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in wanted})
+        except Exception:  # the diagnosis is best effort; the fact stands without it
+            return reason
+        for layer, value in zip(layers, values):
+            if not np.all(np.isfinite(value)):
+                return f"{reason[:-1]}: {self._describe(layer)} is the first layer whose output is not)"
+        return reason
+
+    def _nonfinite_relevance_reason(self, x, feeds, index):
+        reason = "the relevance is not finite (NaN or infinite values) though the model's output is"
+        probe = self._probe(x[index:index + 1], feeds, index)
+        if probe is None:
+            return reason
+        received, passed = probe
+        for layer in sorted(self.layers, key=lambda l: -l.index):  # backward order: the first to produce it
+            if np.isfinite(received.get(layer.index, np.nan)) and not np.isfinite(passed.get(layer.index, 0.0)):
+                return (f"{reason}: {self._describe(layer)} under {self.rules[layer.index]!r} is the first to "
+                        "produce it from finite relevance (a denominator or a modified weight overflows float32)")
+        return reason
 
     def _check_explosion(self, x, expl, feeds):
         """Say once which layer's rule made the relevance explode (sum |R| above EXPLOSION times the seed:
@@ -338,23 +434,29 @@ class LRP:
         if culprit is None:
             return
         layer, ratio = culprit
-        warnings.warn(f"{self.source}: relevance explodes on sample {int(bad[0])}: layer {layer.index} "
-                      f"'{layer.name}' ({layer.op_type}) under {self.rules[layer.index]!r} passes back {ratio:.3g}x "
-                      f"the relevance that reaches it (sum |R| = {total[bad[0]]:.3g} for a seed of {seed[bad[0]]:.3g}); "
-                      "its denominator comes near zero where relevance arrives: a stabler rule there "
-                      "(GeneralizedGammaRule instead of GammaRule, a larger epsilon) keeps it bounded",
-                      LRPWarning, stacklevel=3)
+        rule = self.rules[layer.index]
+        if isinstance(rule, AlphaBetaRule) and ratio <= rule.alpha + rule.beta + 1e-3:
+            # no near-zero denominator: the rule's own bound, compounded over the layers
+            why = (f"{type(rule).__name__} passes back alpha = {rule.alpha:g} times the relevance of a neuron whose "
+                   "contributions all have one sign (an empty negative part), and up to alpha + beta times, "
+                   "at every layer: ZPlusRule (alpha 1, beta 0) keeps it bounded")
+        else:
+            why = ("its denominator comes near zero where relevance arrives: a stabler rule there "
+                   "(GeneralizedGammaRule instead of GammaRule, a larger epsilon) keeps it bounded")
+        warnings.warn(f"{self.source}: relevance explodes on sample {int(bad[0])}: {self._describe(layer)} under "
+                      f"{rule!r} passes back {ratio:.3g}x the relevance that reaches it (sum |R| = "
+                      f"{total[bad[0]]:.3g} for a seed of {seed[bad[0]]:.3g}); {why}", LRPWarning, stacklevel=3)
 
-    def _explosion_layer(self, x, feeds, index):
-        """(layer, ratio) of the layer that multiplies the relevance reaching it the most (sum |R| passed to
-        its inputs over sum |R| at its output, from one sample's per-layer relevances): the first one nearest
-        the output above EXPLOSION, else the largest ratio where an explosion builds up over several layers
-        (residual sums that nearly cancel, each x10..x50); None if no layer multiplies it by 2 or more."""
+    def _probe(self, x, feeds, index):
+        """For sample ``index``: ({layer: sum |R| at its output}, {layer: sum |R| it passes to its inputs}),
+        from a twin relevance graph that returns every layer's relevance per input; None if that fails."""
         try:
             probe = _ExplosionProbe(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
                                     device="cpu", input_name=self._input_name, layer_relevances=True,
-                                    skip_checks=self.skip_checks, precision=self.precision)
+                                    skip_checks=self.skip_checks, precision=self.precision,
+                                    output_name=self.output_name)
             probe._explosion_reported = True
+            probe._nonfinite_reason = "(not diagnosed in the probe)"
             inputs = {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in self.other_inputs}
             sel = np.asarray(feeds[SELECTION])[index:index + 1]
             kw = {"position": np.asarray(feeds[POSITION])[index:index + 1]} if POSITION in feeds else {}
@@ -367,6 +469,17 @@ class LRP:
         passed = {}
         for (i, _), r in expl.extras["input_relevances"].items():
             passed[i] = passed.get(i, 0.0) + float(np.abs(r).sum())
+        return received, passed
+
+    def _explosion_layer(self, x, feeds, index):
+        """(layer, ratio) of the layer that multiplies the relevance reaching it the most (sum |R| passed to
+        its inputs over sum |R| at its output, from one sample's per-layer relevances): the first one nearest
+        the output above EXPLOSION, else the largest ratio where an explosion builds up over several layers
+        (residual sums that nearly cancel, each x10..x50); None if no layer multiplies it by 2 or more."""
+        probe = self._probe(x, feeds, index)
+        if probe is None:
+            return None
+        received, passed = probe
         worst = None
         for layer in sorted(self.layers, key=lambda l: -l.index):
             if received.get(layer.index, 0.0) > 0:
@@ -377,7 +490,7 @@ class LRP:
                     worst = (layer, ratio)
         return worst
 
-    def _feeds(self, x, output_selection, inputs, y_shape=None, position=-1):
+    def _feeds(self, x, output_selection, inputs, y_shape=None, position=-1, input_shapes=None):
         y_shape = y_shape or self.output_shape
         n_out = int(np.prod(y_shape[1:])) if y_shape and all(isinstance(d, int) for d in y_shape[1:]) else None
         extra = {}
@@ -405,7 +518,7 @@ class LRP:
             if value is None:
                 raise InputError(f"{self.source}: the model has another input '{name}'; pass its value with "
                                  f"analyze(..., inputs={{'{name}': array}})")
-            feeds[name] = self._check_other(name, value, x)
+            feeds[name] = self._check_other(name, value, x, (input_shapes or {}).get(name))
         return feeds
 
     def _default_input(self, name, x):
@@ -420,18 +533,32 @@ class LRP:
                 return (np.ones if fill == "ones" else np.zeros)(x.shape, dtype=dtype)
         return None
 
-    def _check_other(self, name, value, x):
+    def _check_other(self, name, value, x, session_shape=None):
+        """``value`` as the session takes it; ``session_shape``: the input's shape in the graph built for x's
+        shape (dims a token model's sequence length fixes are known only there)."""
         dtype, shape = self._other_info[name]
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except ValueError as exc:  # a ragged list
+            raise InputError(f"{self.source}: input '{name}' is not an array: {exc}") from None
+        if value.dtype.kind not in "biuf":
+            raise InputError(f"{self.source}: input '{name}' expects dtype {dtype}, got {value.dtype}")
         if value.dtype.kind != dtype.kind and not (value.dtype.kind in "iub" and dtype.kind in "iub"):
             raise InputError(f"{self.source}: input '{name}' expects dtype {dtype}, got {value.dtype}")
         if shape is not None:
+            shape = (BATCH_DIM, *shape[1:])  # the batch axis, whatever the file calls it
             if value.ndim != len(shape):
                 raise InputError(f"{self.source}: input '{name}' expects rank {len(shape)} "
                                  f"{_fmt_shape(shape)}, got shape {value.shape}")
             if value.shape[0] != x.shape[0]:
                 raise InputError(f"{self.source}: input '{name}' has {value.shape[0]} samples, "
                                  f"'{self.data_input}' has {x.shape[0]}")
+            # a fixed dim that does not fit would reach onnxruntime as a raw shape error
+            fixed = session_shape if session_shape is not None and len(session_shape) == len(shape) else ()
+            for axis, (want, got) in enumerate(zip(fixed[1:], value.shape[1:]), 1):
+                if isinstance(want, int) and want != got:
+                    raise InputError(f"{self.source}: input '{name}' expects shape {_fmt_shape(shape)}, "
+                                     f"got {value.shape} (axis {axis}: {got} instead of {want})")
         return np.ascontiguousarray(value, dtype=dtype)
 
     @staticmethod
@@ -517,6 +644,14 @@ def _share_arrays(graph, canonical):
             a, b = np.asarray(tensor.values), np.asarray(other.values)
             if a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b):
                 tensor.values = b
+
+
+def _session_input_shapes(session):
+    """{input name: shape} of an onnxruntime session (None for the reference evaluator's)."""
+    try:
+        return {i.name: tuple(i.shape) for i in session.get_inputs()}
+    except AttributeError:
+        return None
 
 
 def _fmt_shape(shape):

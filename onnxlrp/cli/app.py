@@ -263,13 +263,26 @@ def precision_option(f):
                              "kernel in onnxruntime run on onnx's reference evaluator).")(f)
 
 
+def output_name_option(f):
+    return click.option("--output-name", default=None, metavar="NAME",
+                        help="The graph output to explain when MODEL has several (default: the first; "
+                             "the command says which it explains).")(f)
+
+
 def model_argument(f):
     return click.argument("model", metavar="MODEL", type=click.Path(dir_okay=True, path_type=str))(f)
 
 
-def load_analyzer(model, spec, *, device="cpu", verbose=False, skip_checks=False, precision="float32"):
+def load_analyzer(model, spec, *, device="cpu", verbose=False, skip_checks=False, precision="float32",
+                  output_name=None, quiet=False):
     from ..analyzer import LRP
-    return LRP(model, spec, device=device.lower(), verbose=verbose, skip_checks=skip_checks, precision=precision)
+    analyzer = LRP(model, spec, device=device.lower(), verbose=verbose, skip_checks=skip_checks, precision=precision,
+                   output_name=output_name)
+    if len(analyzer.model_outputs) > 1 and not quiet:
+        # never explain one of several outputs without saying which
+        click.echo(f"{model}: explaining output '{analyzer.output_name}' of {len(analyzer.model_outputs)} "
+                   f"({', '.join(analyzer.model_outputs)}); choose with --output-name", err=True)
+    return analyzer
 
 
 def fmt_shape(shape):
@@ -381,16 +394,17 @@ def layers(model, **kwargs):
 @cli.command(context_settings=CONTEXT_SETTINGS, epilog=RULE_HELP)
 @model_argument
 @rule_options
+@output_name_option
 @skip_checks_option
 @debug_option
-def rules(model, skip_checks, **kwargs):
+def rules(model, skip_checks, output_name, **kwargs):
     """Show which LRP rule lands on which layer of MODEL.
 
     Prints the analyzer the way the Python API's repr(onnxlrp.LRP(model, composite)) does: one line per
     layer, index, op type, node name => rule.
     """
     spec, desc = build_rules(**pop_rule_kwargs(kwargs))
-    analyzer = load_analyzer(model, spec, skip_checks=skip_checks)
+    analyzer = load_analyzer(model, spec, skip_checks=skip_checks, output_name=output_name)
     click.echo(f"# {model}: {desc}")
     click.echo(repr(analyzer))
 
@@ -418,10 +432,11 @@ Run it with onnxruntime alone (no onnxlrp needed):
                    "dims other than the batch.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the written path.")
+@output_name_option
 @precision_option
 @skip_checks_option
 @debug_option
-def export(model, output, input_shape, force, quiet, precision, skip_checks, **kwargs):
+def export(model, output, input_shape, force, quiet, output_name, precision, skip_checks, **kwargs):
     """Write the relevance graph of MODEL as a standalone ONNX model.
 
     The graph computes the model output and the LRP relevance in one pass and runs in plain
@@ -455,7 +470,8 @@ def export(model, output, input_shape, force, quiet, precision, skip_checks, **k
         raise CLIError(f"{output}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):  # before building the whole graph
         raise CLIError(f"{output}: cannot write in the folder {parent}")
-    analyzer = load_analyzer(model, spec, skip_checks=skip_checks, precision=precision)
+    analyzer = load_analyzer(model, spec, skip_checks=skip_checks, precision=precision, output_name=output_name,
+                             quiet=quiet)
     shape = analyzer.input_shape
     static = shape is not None and all(isinstance(d, int) for d in shape[1:])
     if input_shape is not None:
