@@ -31,7 +31,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 #: submodules reachable as attributes (``onnxlrp.images.load_image``) without importing them first
-_SUBMODULES = ("analyzer", "api", "canonize", "cli", "composite", "crp", "emitters", "errors", "explanation", "files",
+_SUBMODULES = ("analyzer", "api", "canonization", "cli", "composite", "crp", "emitters", "errors", "explanation", "files",
                "heatmaps", "images", "layers", "loading", "precision", "rewriter", "rules", "runtime")
 
 __all__ = sorted(_WHERE) + ["images"]

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .canonize import canonize_graph
+from .canonization import canonize_graph
 from .composite import Composite, GlobalMap, check_compatible, default_rules
 from .errors import InputError, LRPError, LRPWarning
 from .explanation import Explanation

@@ -8,7 +8,7 @@ import onnx
 import onnx.inliner
 
 from ._onnx_utils import export_model
-from .canonize import canonize_graph, strip_softmax_outputs
+from .canonization import canonize_graph, strip_softmax_outputs
 from .composite import Composite, default_rules
 from .emitters import EMITTERS, Emitter
 from .layers import build_layers

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 import onnxlrp
 from onnxlrp._onnx_utils import export_model
-from onnxlrp.canonize import canonize_graph
+from onnxlrp.canonization import canonize_graph
 from onnxlrp.loading import load_model
 from onnxlrp.precision import cast_floats, lower_double_ops
 

@@ -35,3 +35,10 @@ def test_public_names_resolve():
     assert onnxlrp.rules.ZeroRule is onnxlrp.ZeroRule
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         onnxlrp.nope
+
+
+def test_function_names_are_not_shadowed_by_submodules():
+    """Importing the analyzer imports the canonization module; onnxlrp.canonize stays the function."""
+    import onnxlrp
+    onnxlrp.LRP
+    assert callable(onnxlrp.canonize) and callable(onnxlrp.heatmap) and callable(onnxlrp.analyze)
