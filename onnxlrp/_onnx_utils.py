@@ -20,6 +20,26 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def quoted(name) -> str:
+    """A name from the file, quoted for a one-line message: control characters (a newline, a NUL) in a
+    hostile file's names are escaped so that they cannot break the message into several lines."""
+    name = str(name)
+    return f"'{name}'" if name.isprintable() else repr(name)
+
+
+def node_label(node) -> str:
+    """How messages name a gs node: its name (if it has one) and its op type."""
+    return f"node {quoted(node.name)} ({node.op})" if node.name else f"an unnamed {node.op} node"
+
+
+def format_shape(shape, limit: int = 8) -> str:
+    """[d0, d1, ...]; a shape of absurd rank is shortened so that the message stays short."""
+    dims = list(shape)
+    if len(dims) > limit:
+        return "[" + ", ".join(str(d) for d in dims[:limit]) + f", ...] (rank {len(dims)})"
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
 def const_value(tensor):
     """numpy value of a gs tensor when it is a constant, else None."""
     if isinstance(tensor, gs.Constant):

@@ -58,6 +58,9 @@ class LRP:
     several graph outputs explains the first one (and says so when ``verbose``); ``output_name`` picks
     another. ``model_outputs`` lists them all and ``output_name`` is the one explained.
 
+    ``max_fold_bytes`` raises the bound on one tensor that constant folding may create (default 1 GiB, or
+    $ONNXLRP_MAX_FOLD_BYTES: a small file must not make loading allocate gigabytes).
+
     ``precision="float64"`` runs everything in double (canonization, modified weights, the relevance graph),
     to tell float32 rounding apart from rule effects; ops onnxruntime has no double kernel for are lowered to
     ones it has, and a graph that still needs one runs on onnx's reference evaluator (slow, for verification).
@@ -68,12 +71,13 @@ class LRP:
 
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
-                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32", output_name=None):
+                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32", output_name=None, max_fold_bytes=None):
         self.precision = precision
         self._dtype = check_precision(precision)
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
         self._model, self._input_name = model, input_name  # read again for other input shapes
         self.output_name = output_name
+        self._max_fold_bytes = max_fold_bytes
         loaded = self._load(None)
         if verbose and len(self.model_outputs) > 1 and output_name is None:
             print(f"onnxlrp: {self.source} has {len(self.model_outputs)} outputs "
@@ -137,7 +141,7 @@ class LRP:
 
     # -- emission ---------------------------------------------------------------------------------------
     def _load(self, feature_shape):
-        loaded = load_model(self._model, self._input_name, feature_shape)
+        loaded = load_model(self._model, self._input_name, feature_shape, max_fold_bytes=self._max_fold_bytes)
         self._select_output(loaded)
         if self._dtype != np.float32:  # before canonizing: BatchNorm fusion is then exact in double too
             cast_floats(loaded.graph, self._dtype)
@@ -454,7 +458,7 @@ class LRP:
             probe = _ExplosionProbe(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
                                     device="cpu", input_name=self._input_name, layer_relevances=True,
                                     skip_checks=self.skip_checks, precision=self.precision,
-                                    output_name=self.output_name)
+                                    output_name=self.output_name, max_fold_bytes=self._max_fold_bytes)
             probe._explosion_reported = True
             probe._nonfinite_reason = "(not diagnosed in the probe)"
             inputs = {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in self.other_inputs}

@@ -4,10 +4,29 @@ Steps: read (external data only from inside the model's own folder), validate wi
 inline local functions, convert the opset up to MIN_EMIT_OPSET, make the batch dimension symbolic,
 fold constants (opset-9 graphs hold weights as Constant/ConstantOfShape nodes; legacy exports compute
 Flatten shapes with Shape/Gather/Concat) and infer shapes.
+
+Hostile files and bad input are refused with a one-line ModelLoadError (InputError for a bad
+``feature_shape``) naming the file, the node or tensor and what was expected:
+
+- Constant folding is bounded before anything is computed: the size of every tensor folding would create
+  is worked out from the constant inputs (ConstantOfShape's shape, Expand's shape with broadcasting, Tile's
+  repeats, Range's (limit - start) / delta, Resize's scales or sizes, Pad's pads; onnx's shape inference
+  of the single node for the others). One tensor may take at most ``max_fold_bytes`` (load_model's
+  keyword), else $ONNXLRP_MAX_FOLD_BYTES (bytes; K/M/G/T suffixes count powers of 1024: "4G"), else
+  DEFAULT_MAX_FOLD_BYTES = 1 GiB; all of them together FOLD_TOTAL_FACTOR (4) times that. Initializers and
+  Constant nodes are what the file holds and are not counted.
+- An input dimension after the batch axis of 0 or less, or more than MAX_SAMPLE_ELEMENTS (2**31)
+  elements per sample, declared by the file or given as ``feature_shape``.
+- An empty weight (a 0 dimension) of a Conv, Gemm, MatMul, normalization or arithmetic node.
+- External data whose location holds a NUL byte, leaves the model's folder (also through a symlink), is
+  not a regular file (a named pipe, a device, a socket: checked with stat before opening, so reading
+  never blocks) or holds fewer or other bytes than its tensor needs.
 """
 from __future__ import annotations
 
+import math
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +37,9 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from ._onnx_utils import EMIT_IR_VERSION, MIN_EMIT_OPSET, default_opset
-from .errors import ModelLoadError
+from ._onnx_utils import EMIT_IR_VERSION, MIN_EMIT_OPSET, default_opset, format_shape, node_label, quoted
+from .errors import InputError, ModelLoadError
+from .folding import bound_constant_folding, fold_byte_limit
 
 BATCH_DIM = "batch"
 
@@ -48,6 +68,8 @@ class LoadedModel:
 
 
 def _read_model(path: str) -> onnx.ModelProto:
+    if "\0" in path:  # os.stat would raise a bare "embedded null byte" ValueError
+        raise ModelLoadError(f"{path!r}: the path holds a NUL byte; expected a file name")
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -68,21 +90,99 @@ def _external_tensors(model):
             yield tensor
 
 
+def _file_kind(mode) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _external_int(path, tensor, info, key) -> int | None:
+    raw = info.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ModelLoadError(f"{path}: tensor {quoted(tensor.name)} has external data {key} {raw!r}; "
+                             "expected a byte count of 0 or more")
+    return value
+
+
+#: Bytes per element of the data types whose raw data has a fixed size (packed 4-bit types left out).
+_RAW_ITEMSIZE = {getattr(onnx.TensorProto, name): size for name, size in (
+    ("FLOAT", 4), ("DOUBLE", 8), ("FLOAT16", 2), ("BFLOAT16", 2), ("INT8", 1), ("UINT8", 1), ("INT16", 2),
+    ("UINT16", 2), ("INT32", 4), ("UINT32", 4), ("INT64", 8), ("UINT64", 8), ("BOOL", 1), ("COMPLEX64", 8),
+    ("COMPLEX128", 16))}
+
+
+def _expected_raw_bytes(tensor) -> int | None:
+    """Bytes the raw data of ``tensor`` must hold, from its dims and data type (None: not checked). A
+    mismatch would only surface later as numpy's reshape error."""
+    itemsize = _RAW_ITEMSIZE.get(tensor.data_type)
+    return None if itemsize is None else math.prod(tensor.dims) * itemsize
+
+
 def _load_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Read each tensor's external data ourselves rather than through onnx's loader: every location is
+    checked first (inside the model's folder, no NUL byte, a regular file) and the file is opened only
+    then, so a named pipe, a device or a socket is never opened for reading (reading a FIFO blocks
+    forever, a device may never end)."""
     base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    tensors = list(_external_tensors(model))
-    for tensor in tensors:
+    for tensor in list(_external_tensors(model)):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        what = f"tensor {quoted(tensor.name)}: external data location {location!r}"
+        if not location:
+            raise ModelLoadError(f"{path}: tensor {quoted(tensor.name)} holds external data without a location")
+        if "\0" in location:  # os.path functions would raise a bare "embedded null byte" ValueError
+            raise ModelLoadError(f"{path}: {what} holds a NUL byte; expected a file name")
         target = os.path.realpath(os.path.join(base, location))
         if os.path.isabs(location) or os.path.commonpath([base, target]) != base:
             raise ModelLoadError(
-                f"{path}: tensor '{tensor.name}' points to external data '{location}' outside the "
+                f"{path}: tensor {quoted(tensor.name)} points to external data {location!r} outside the "
                 f"model's folder {base}; refusing to read it")
-        if not os.path.isfile(target):
-            raise ModelLoadError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
-    if tensors:
-        onnx.load_external_data_for_model(model, base)
+        try:
+            mode = os.stat(target).st_mode  # stat, unlike open, never blocks on a FIFO
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}: external data file {location!r} of tensor {quoted(tensor.name)} "
+                                 "is missing") from None
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: {what} cannot be read ({exc.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise ModelLoadError(f"{path}: {what} is {_file_kind(mode)}; expected a regular file")
+        offset = _external_int(path, tensor, info, "offset") or 0
+        length = _external_int(path, tensor, info, "length")
+        # O_NONBLOCK: should the file be swapped for a FIFO after the stat above, open returns at once
+        # (and the fstat below refuses it) instead of waiting for a writer.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(target, flags)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: {what} cannot be read ({exc.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelLoadError(f"{path}: {what} is {_file_kind(st.st_mode)}; expected a regular file")
+            available = st.st_size - offset
+            if length is None:
+                length = max(available, 0)
+            if offset > st.st_size or length > available:
+                raise ModelLoadError(f"{path}: {what} holds {st.st_size} bytes; tensor {quoted(tensor.name)} "
+                                     f"needs bytes {offset} to {offset + length}")
+            expected = _expected_raw_bytes(tensor)
+            if expected is not None and expected != length:
+                raise ModelLoadError(
+                    f"{path}: tensor {quoted(tensor.name)} of shape {format_shape(tensor.dims)} needs {expected} "
+                    f"bytes, its external data {location!r} gives {length}")
+            f.seek(offset)
+            data = f.read(length)
+        tensor.raw_data = data
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
 
 
 def _check(model: onnx.ModelProto, source: str) -> None:
@@ -193,6 +293,12 @@ def _explicit_ceil_mode_pools(graph: gs.Graph) -> bool:
     return changed
 
 
+# -- input sizes ---------------------------------------------------------------------------------------------
+#: Elements one sample of an input (every axis but the batch) may declare: 2**31 (8 GiB of float32) is
+#: beyond what LRP on one machine can hold; a larger declaration is a broken or hostile file.
+MAX_SAMPLE_ELEMENTS = 1 << 31
+
+
 #: Constants with more elements than this reach shape inference as typed graph inputs only, so big
 #: weights are never serialized just to learn their (already known) shapes.
 _SHAPE_ONLY_LIMIT = 4096
@@ -214,7 +320,19 @@ def _unknown_dims(dims, known_symbols) -> int:
     return sum(1 for d in dims if not isinstance(d, int) and d not in known_symbols)
 
 
-def _infer_once(graph: gs.Graph) -> None:
+def _apply_shapes(graph: gs.Graph, inferred: dict) -> None:
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and name in inferred and tensor not in graph.inputs:
+            elem_type, dims = inferred[name]
+            tensor.shape = dims
+            if tensor.dtype is None and elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def _infer_once(graph: gs.Graph, before_symbolic=None) -> None:
+    """onnx's shape inference, then onnxruntime's symbolic one where onnx left sizes unknown.
+    ``before_symbolic(graph)`` runs in between, on onnx's shapes: the symbolic inference materializes
+    some constants (np.ones of an int64 ConstantOfShape's shape), so folding is bounded before it."""
     light = graph.copy()  # shares the numpy arrays
     typed_inputs = {}
     for node in light.nodes:
@@ -227,6 +345,9 @@ def _infer_once(graph: gs.Graph) -> None:
     exported = gs.export_onnx(light, do_type_check=False)
     model = onnx.shape_inference.infer_shapes(exported, data_prop=True)
     inferred = _value_shapes(model)
+    if before_symbolic is not None:
+        _apply_shapes(graph, inferred)
+        before_symbolic(graph)
     batch = {BATCH_DIM}
     if any(_unknown_dims(dims, batch) for _, dims in inferred.values()):
         # onnx's data propagation stops at shapes computed from Shape(x) of a symbolic batch (legacy
@@ -244,24 +365,75 @@ def _infer_once(graph: gs.Graph) -> None:
                 inferred[name] = (elem_type, [BATCH_DIM if d == "batch" else d for d in better[1]])
         for name, value in symbolic.items():
             inferred.setdefault(name, value)
-    for name, tensor in graph.tensors().items():
-        if isinstance(tensor, gs.Variable) and name in inferred and tensor not in graph.inputs:
-            elem_type, dims = inferred[name]
-            tensor.shape = dims
-            if tensor.dtype is None and elem_type:
-                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    _apply_shapes(graph, inferred)
 
 
-def _infer_shapes(graph: gs.Graph, source: str) -> gs.Graph:
-    """Infer shapes into ``graph`` (in place; returned for chaining)."""
+def _infer_shapes(graph: gs.Graph, source: str, before_symbolic=None) -> gs.Graph:
+    """Infer shapes into ``graph`` (in place; returned for chaining). ``before_symbolic``: see _infer_once."""
     try:
-        _infer_once(graph)
+        _infer_once(graph, before_symbolic)
         if _explicit_ceil_mode_pools(graph):
             clear_inferred_shapes(graph)  # infer again from scratch
             _infer_once(graph)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"{source}: shape inference failed: {exc}") from None
     return graph
+
+
+def _check_declared_dims(graph: gs.Graph, source: str) -> None:
+    """Refuse inputs that declare a size of 0 or less, or an absurd total size, on an axis after the batch
+    (which is made symbolic): such an input leaves shape inference without shapes downstream, and the
+    error would surface far away as "tensor ... has no inferred shape"."""
+    for tensor in graph.inputs:
+        if isinstance(tensor, gs.Variable) and tensor.shape:
+            _check_sample_dims(source, tensor.name, list(tensor.shape)[1:], ModelLoadError, "has")
+
+
+def _check_sample_dims(source, name, dims, error, verb) -> None:
+    """``dims``: the axes of one sample (axis 1 on); the message counts axes with the batch as axis 0."""
+    for axis, d in enumerate(dims, start=1):
+        if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d <= 0:
+            raise error(f"{source}: input {quoted(name)} {verb} dimension {int(d)} at axis {axis}; "
+                        "expected a positive size")
+    static = [int(d) for d in dims if isinstance(d, (int, np.integer)) and not isinstance(d, bool)]
+    if math.prod(static) > MAX_SAMPLE_ELEMENTS:
+        raise error(f"{source}: input {quoted(name)} {verb} shape {format_shape(['N'] + list(dims))}, "
+                    f"{math.prod(static):,} elements per sample; expected at most {MAX_SAMPLE_ELEMENTS:,}")
+
+
+def _check_feature_shape(source, name, feature_shape) -> tuple:
+    """The data input's shape without the batch axis, as given to load_model: positive integers."""
+    try:
+        dims = list(feature_shape)
+    except TypeError:
+        raise InputError(f"{source}: feature shape for input {quoted(name)} must be a sequence of sizes, "
+                         f"got {type(feature_shape).__name__}") from None
+    for axis, d in enumerate(dims, start=1):
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise InputError(f"{source}: input {quoted(name)} is given size {d!r} at axis {axis}; "
+                             "expected a positive integer")
+    _check_sample_dims(source, name, dims, InputError, "is given")
+    return tuple(int(d) for d in dims)
+
+
+#: Ops whose constant inputs are weights: an empty one (a 0 dimension) cannot be right, and numpy or
+#: onnxruntime would fail on it far away ("operands could not be broadcast together ...").
+_WEIGHT_OPS = frozenset((
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+    "LayerNormalization", "GroupNormalization", "PRelu", "Add", "Sub", "Mul", "Div"))
+
+
+def _check_empty_weights(graph: gs.Graph, source: str) -> None:
+    for node in graph.nodes:
+        if node.op not in _WEIGHT_OPS:
+            continue
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant) and tensor.shape is not None and 0 in tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"{source}: {node_label(node)} has an empty weight {quoted(tensor.name)} of shape "
+                    f"{format_shape(tensor.shape)}; expected a tensor with no 0 dimension")
 
 
 def _fix_input_dims(graph: gs.Graph, data_input: gs.Variable, original, feature_shape) -> None:
@@ -314,10 +486,14 @@ def _materialize_constants(graph: gs.Graph) -> None:
             tensor.values = tensor._values.load()
 
 
-def load_model(model, input_name: str | None = None, feature_shape=None) -> LoadedModel:
+def load_model(model, input_name: str | None = None, feature_shape=None, *,
+               max_fold_bytes: int | None = None) -> LoadedModel:
     """Read and normalize a model given as a path or an onnx.ModelProto. ``feature_shape`` (the data
     input's shape without the batch axis) fixes dynamic axes before constants are folded, so that shapes
-    computed at run time (attention scales, causal masks, reshape targets) become constants."""
+    computed at run time (attention scales, causal masks, reshape targets) become constants.
+    ``max_fold_bytes``: the most bytes one tensor computed by constant folding may take (default
+    $ONNXLRP_MAX_FOLD_BYTES, else DEFAULT_MAX_FOLD_BYTES); see the module docstring."""
+    fold_limit = fold_byte_limit(max_fold_bytes)
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
         proto = _read_model(source)
@@ -356,6 +532,8 @@ def load_model(model, input_name: str | None = None, feature_shape=None) -> Load
                              "LRP needs a floating-point input or integer token ids")
     if not graph.outputs:
         raise ModelLoadError(f"{source}: the graph has no outputs")
+    _check_declared_dims(graph, source)
+    _check_empty_weights(graph, source)
 
     original = list(data_input.shape) if data_input.shape else None
     old_batch = _symbolic_batch(graph, data_input)
@@ -365,11 +543,17 @@ def load_model(model, input_name: str | None = None, feature_shape=None) -> Load
     if feature_shape is None and token_input and dynamic:
         feature_shape = [d if isinstance(d, int) else PROBE_SEQUENCE_LENGTH for d in declared[1:]]
     if feature_shape is not None:
+        feature_shape = _check_feature_shape(source, data_input.name, feature_shape)
         if declared is not None and len(feature_shape) != len(declared) - 1:
             raise ModelLoadError(f"{source}: input '{data_input.name}' has rank {len(declared)}, got a "
                                  f"feature shape of rank {len(feature_shape)}")
         _fix_input_dims(graph, data_input, original, feature_shape)
-    graph = _infer_shapes(graph, source)
+    # Folding is bounded before anything is computed (see _FoldBound): on onnx's inferred shapes, before
+    # onnxruntime's symbolic inference materializes constants, and again on the final shapes, where
+    # Shape nodes the symbolic inference made static fold too.
+    bound = lambda g: bound_constant_folding(g, source, fold_limit)  # noqa: E731
+    graph = _infer_shapes(graph, source, bound)
+    bound(graph)
     # Folding evaluates constant subgraphs with onnxruntime, whose optimizer warns about nodes it keeps.
     ort.set_default_logger_severity(3)
     try:
@@ -377,6 +561,7 @@ def load_model(model, input_name: str | None = None, feature_shape=None) -> Load
     except Exception as exc:
         raise ModelLoadError(f"{source}: constant folding failed: {exc}") from None
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _check_empty_weights(graph, source)  # weights that folding computed (opset-9 Constant nodes)
     graph = _infer_shapes(graph, source)
     _materialize_constants(graph)
     opset = max(default_opset(proto), MIN_EMIT_OPSET)
