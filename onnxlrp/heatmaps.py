@@ -1,7 +1,8 @@
 """Heatmaps of explanations: images for vision models, colored tokens for text.
 
 ``heatmap(explanation)`` returns a list of RGB ``PIL.Image.Image`` s, one per sample, at the input's
-resolution (``np.asarray(img)`` gives the (H, W, 3) uint8 array). ``heatmap_overlay(explanation, image)``
+resolution (``np.asarray(img)`` gives the (H, W, 3) uint8 array; ``size=(H, W)`` upsamples the map,
+bilinearly, before it is colored). ``heatmap_overlay(explanation, image)``
 draws them over the input images; ``text_heatmap(tokens, relevance)`` colors tokens for the terminal
 (ANSI) and for HTML.
 
@@ -24,7 +25,10 @@ absolute value), ``sumabs`` (sum of absolute values), ``abssum`` (absolute value
 rangescale: ``centered`` maps [-m, m] to [0, 1] with m the largest absolute value, so that zero is the
 colormap's middle (white for "seismic"); ``extrema`` maps [min, max] to [0, 1]. ``percentile=99.5``
 clips the range to that percentile of the values (of |values| for centered) so that a few extreme
-pixels do not wash out the rest. Each sample is scaled on its own unless ``process_batch=True``.
+pixels do not wash out the rest. Each sample is scaled on its own unless ``process_batch=True``;
+``vrange=(lo, hi)`` fixes the range instead (``value_range`` computes one over any number of maps, so that
+heatmaps drawn separately share one color scale). ``colorbar=True`` adds a color bar with the value range
+labelled on the right of each picture.
 """
 from __future__ import annotations
 
@@ -83,14 +87,14 @@ def reduce_channels(val: np.ndarray, reduce: str = "sum", axis: int = 1) -> np.n
     raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
 
 
-def scale_range(maps: np.ndarray, rangescale: str = "centered", percentile=None,
-                process_batch: bool = False) -> np.ndarray:
-    """Map a batch of 2-D maps (N, H, W) to [0, 1] (see the module docstring)."""
-    maps = np.nan_to_num(np.asarray(maps, dtype=np.float64))
+def _check_percentile(percentile):
     if percentile is not None and not 0 < float(percentile) <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    axes = None if process_batch else tuple(range(1, maps.ndim))
 
+
+def _bounds(maps, rangescale, percentile, axes):
+    """(lo, hi) that the range scaling maps to 0 and 1: (-m, m) for centered, (min, max) for extrema;
+    over ``axes`` (None: all values), clipped at ``percentile``."""
     def stat(a, q, fn):
         if percentile is None:
             return fn(a, axis=axes, keepdims=True)
@@ -98,15 +102,64 @@ def scale_range(maps: np.ndarray, rangescale: str = "centered", percentile=None,
 
     if rangescale == "centered":
         m = stat(np.abs(maps), percentile, np.max)
-        safe = np.where(m > 0, m, 1.0)
-        return np.clip(maps / safe, -1.0, 1.0) * 0.5 + 0.5
+        return -m, m
     if rangescale == "extrema":
-        lo = stat(maps, None if percentile is None else 100.0 - float(percentile), np.min)
-        hi = stat(maps, percentile, np.max)
-        span = hi - lo
-        safe = np.where(span > 0, span, 1.0)
-        return np.where(span > 0, np.clip((maps - lo) / safe, 0.0, 1.0), 0.0)
+        return (stat(maps, None if percentile is None else 100.0 - float(percentile), np.min),
+                stat(maps, percentile, np.max))
     raise ValueError(f"rangescale must be one of {RANGESCALES}, got {rangescale!r}")
+
+
+def _fixed_bounds(vrange, rangescale):
+    try:
+        lo, hi = (float(v) for v in vrange)
+    except (TypeError, ValueError):
+        raise ValueError(f"vrange must be two numbers (lo, hi), got {vrange!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        raise ValueError(f"vrange must be finite with lo <= hi, got {vrange!r}")
+    if rangescale == "centered":
+        m = max(abs(lo), abs(hi))
+        return np.array(-m), np.array(m)
+    if rangescale == "extrema":
+        return np.array(lo), np.array(hi)
+    raise ValueError(f"rangescale must be one of {RANGESCALES}, got {rangescale!r}")
+
+
+def _apply_bounds(maps, rangescale, lo, hi):
+    if rangescale == "centered":
+        safe = np.where(hi > 0, hi, 1.0)
+        return np.clip(maps / safe, -1.0, 1.0) * 0.5 + 0.5
+    span = hi - lo
+    safe = np.where(span > 0, span, 1.0)
+    return np.where(span > 0, np.clip((maps - lo) / safe, 0.0, 1.0), 0.0)
+
+
+def _scale(maps, rangescale, percentile, process_batch, vrange):
+    """(scaled maps in [0, 1], lo, hi) with lo and hi broadcastable against the maps."""
+    maps = np.nan_to_num(np.asarray(maps, dtype=np.float64))
+    _check_percentile(percentile)
+    if vrange is not None:
+        lo, hi = _fixed_bounds(vrange, rangescale)
+    else:
+        lo, hi = _bounds(maps, rangescale, percentile, None if process_batch else tuple(range(1, maps.ndim)))
+    return _apply_bounds(maps, rangescale, lo, hi), lo, hi
+
+
+def scale_range(maps: np.ndarray, rangescale: str = "centered", percentile=None,
+                process_batch: bool = False, vrange=None) -> np.ndarray:
+    """Map a batch of 2-D maps (N, H, W) to [0, 1] (see the module docstring)."""
+    return _scale(maps, rangescale, percentile, process_batch, vrange)[0]
+
+
+def value_range(maps, rangescale: str = "centered", percentile=None) -> tuple:
+    """The (lo, hi) that ``scale_range`` maps to the colormap's ends, over all values of ``maps`` together:
+    a sequence of arrays of any shapes (e.g. the channel-reduced maps of many explanations). Pass it as
+    ``vrange=`` to ``heatmap`` / ``heatmap_overlay`` to draw them on one color scale."""
+    _check_percentile(percentile)
+    values = np.concatenate([np.nan_to_num(np.asarray(m, dtype=np.float64)).ravel() for m in maps])
+    if values.size == 0:
+        raise ValueError("value_range needs at least one value")
+    lo, hi = _bounds(values, rangescale, percentile, None)
+    return float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
 
 
 def colormap_lut(colormap) -> np.ndarray:
@@ -139,7 +192,7 @@ def _lut(colormap):
 def colorize(scaled: np.ndarray, colormap="seismic") -> np.ndarray:
     """Values in [0, 1] -> uint8 RGB (..., 3) through the colormap (0.5 lands exactly on its middle)."""
     lut = colormap_lut(colormap)
-    idx = np.clip(np.floor(np.asarray(scaled) * (_LUT_SIZE - 1) + 0.5), 0, _LUT_SIZE - 1).astype(np.intp)
+    idx = np.clip(np.floor(np.asarray(scaled) * (_LUT_SIZE - 1) + 0.5), 0, _LUT_SIZE - 1).astype(np.uint16)
     return lut[idx]
 
 
@@ -156,27 +209,86 @@ def _image_maps(val, reduce, layout):
                      f"got shape {val.shape}. For token relevance use onnxlrp.text_heatmap")
 
 
-def _render(x, reduce, rangescale, colormap, percentile, process_batch, layout):
+def _render(x, reduce, rangescale, colormap, percentile, process_batch, layout, vrange):
+    """(scaled maps (N, H, W) in [0, 1], lo (N,), hi (N,), rangescale, colormap)."""
     val, style = _unpack(x)
     reduce, rangescale, colormap = _options(style, reduce, rangescale, colormap)
     maps = _image_maps(val, reduce, layout)
-    scaled = scale_range(maps, rangescale, percentile, process_batch)
-    return scaled, colorize(scaled, colormap), rangescale
+    scaled, lo, hi = _scale(maps, rangescale, percentile, process_batch, vrange)
+    n = len(scaled)
+    return scaled, np.broadcast_to(lo, (n, 1, 1)).reshape(n), np.broadcast_to(hi, (n, 1, 1)).reshape(n), \
+        rangescale, colormap
+
+
+def _resized(scaled, size):
+    """One scaled map (H, W) resized (bilinear) to ``size`` = (H, W); unchanged when it has that size."""
+    if size is None or tuple(scaled.shape) == tuple(size):
+        return scaled
+    from PIL import Image
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be (height, width) with positive values, got {size}")
+    up = Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32)).resize((w, h), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(up), 0.0, 1.0)
+
+
+def _fmt_value(v, signed):
+    if v == 0:
+        return "0"
+    return f"{v:+.3g}" if signed else f"{v:.3g}"
+
+
+def _with_colorbar(img, lo, hi, colormap, rangescale):
+    """``img`` with a vertical color bar on its right: the colormap from ``hi`` (top) to ``lo`` (bottom),
+    the two ends and the middle labelled with their values."""
+    from PIL import Image, ImageDraw, ImageFont
+    w, h = img.size
+    height = max(h, 96)  # room for three legible labels next to small pictures
+    font_size = int(np.clip(height // 16, 10, 48))
+    font = ImageFont.load_default(size=font_size)
+    pad, bar_w = max(3, font_size // 2), max(8, font_size)
+    margin = font_size // 2 + 1  # the end labels are centered on the bar's ends
+    bar_h = max(2, height - 2 * margin)
+    centered = rangescale == "centered"
+    ticks = [(hi, 0), ((lo + hi) / 2 if not centered else 0.0, (bar_h - 1) / 2), (lo, bar_h - 1)]
+    labels = [_fmt_value(float(v), centered) for v, _ in ticks]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = int(np.ceil(max(measure.textlength(t, font=font) for t in labels)))
+    canvas = Image.new("RGB", (w + pad + bar_w + pad // 2 + 3 + text_w + pad, height), (255, 255, 255))
+    canvas.paste(img, (0, (height - h) // 2))
+    colors = colorize(np.linspace(1.0, 0.0, bar_h), colormap)  # the colormap's own colors, top = hi
+    x0 = w + pad
+    canvas.paste(Image.fromarray(np.ascontiguousarray(np.repeat(colors[:, None, :], bar_w, axis=1))), (x0, margin))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((x0 - 1, margin - 1, x0 + bar_w, margin + bar_h), outline=(96, 96, 96))
+    for (_, y), text in zip(ticks, labels):
+        y = margin + int(round(y))
+        draw.line((x0 + bar_w, y, x0 + bar_w + 3, y), fill=(96, 96, 96))
+        draw.text((x0 + bar_w + 3 + pad // 2, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return canvas
 
 
 def heatmap(explanation, *, reduce=None, rangescale=None, colormap=None, percentile=None, process_batch=False,
-            layout="NCHW") -> list:
-    """One RGB ``PIL.Image`` per sample, at the input's resolution.
+            layout="NCHW", size=None, vrange=None, colorbar=False) -> list:
+    """One RGB ``PIL.Image`` per sample, at the input's resolution (or ``size``).
 
     ``explanation``: an :class:`onnxlrp.Explanation` (its ``heatmap`` field picks the preset) or a
     relevance array with a batch axis, (N, C, H, W) (``layout="NHWC"`` for channels-last) or (N, H, W).
     ``reduce``, ``rangescale``, ``colormap`` override the preset; ``percentile`` clips the range;
-    ``process_batch=True`` scales all samples together (their colors become comparable).
+    ``process_batch=True`` scales all samples together (their colors become comparable), ``vrange=(lo,
+    hi)`` uses that range instead (see :func:`value_range`). ``size=(H, W)``: the scaled map is resized
+    to it (bilinear) before it is colored, e.g. to the original image's size. ``colorbar=True`` adds a
+    color bar with the value range labelled on the right.
     With the default attribution style, red pixels have positive relevance, blue negative, white zero.
     """
     from PIL import Image
-    _, rgb, _ = _render(explanation, reduce, rangescale, colormap, percentile, process_batch, layout)
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in rgb]
+    scaled, lo, hi, rs, cmap = _render(explanation, reduce, rangescale, colormap, percentile, process_batch,
+                                       layout, vrange)
+    out = []
+    for s, a, b in zip(scaled, lo, hi):
+        img = Image.fromarray(np.ascontiguousarray(colorize(_resized(s, size), cmap)))
+        out.append(_with_colorbar(img, a, b, cmap, rs) if colorbar else img)
+    return out
 
 
 def _as_rgb_arrays(image, n):
@@ -208,37 +320,43 @@ def _as_rgb_arrays(image, n):
 
 
 def heatmap_overlay(explanation, image, alpha=0.6, *, grayscale=True, reduce=None, rangescale=None,
-                    colormap=None, percentile=None, process_batch=False, layout="NCHW") -> list:
+                    colormap=None, percentile=None, process_batch=False, layout="NCHW", vrange=None,
+                    colorbar=False) -> list:
     """The heatmap drawn over ``image``: one RGB ``PIL.Image`` per sample, at the image's size.
 
     ``image``: a PIL image or an (H, W, 3) array (uint8, or float in [0, 1]) for one sample, or a list /
-    (N, H, W, 3) array of them. The heatmap is resized to the image (bilinear). Each pixel mixes in the
-    heatmap color with weight ``alpha * sqrt(intensity)``, where intensity is the relevance magnitude
-    scaled to [0, 1] (|2v - 1| for the centered range, v for extrema): pixels without relevance show the
-    image, the most relevant ones ``alpha`` parts heatmap (the square root keeps weaker relevance
-    visible). ``grayscale=True`` desaturates the image first so
-    the heatmap colors stand out.
+    (N, H, W, 3) array of them. The scaled map is resized to the image (bilinear) and colored there. Each
+    pixel mixes in the heatmap color with weight ``alpha * sqrt(intensity)``, where intensity is the
+    relevance magnitude scaled to [0, 1] (|2v - 1| for the centered range, v for extrema): pixels without
+    relevance show the image, the most relevant ones ``alpha`` parts heatmap (the square root keeps
+    weaker relevance visible). ``grayscale=True`` desaturates the image first so the heatmap colors stand
+    out. ``vrange`` and ``colorbar`` as for :func:`heatmap`.
     """
     from PIL import Image
-    scaled, rgb, rs = _render(explanation, reduce, rangescale, colormap, percentile, process_batch, layout)
-    backgrounds = _as_rgb_arrays(image, len(rgb))
+    scaled, lo, hi, rs, cmap = _render(explanation, reduce, rangescale, colormap, percentile, process_batch,
+                                       layout, vrange)
+    backgrounds = _as_rgb_arrays(image, len(scaled))
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     out = []
-    for s, color, bg in zip(scaled, rgb, backgrounds):
+    for s, bg, a_lo, a_hi in zip(scaled, backgrounds, lo, hi):
         h, w = bg.shape[:2]
-        intensity = np.abs(2.0 * s - 1.0) if rs == "centered" else s
-        if color.shape[:2] != (h, w):
-            color = np.asarray(Image.fromarray(np.ascontiguousarray(color)).resize((w, h), Image.Resampling.BILINEAR))
-            intensity = np.asarray(Image.fromarray(intensity.astype(np.float32))
-                                   .resize((w, h), Image.Resampling.BILINEAR))
-        base = bg.astype(np.float32)
-        if grayscale:
-            gray = base @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-            base = np.repeat(gray[:, :, None], 3, axis=2)
-        a = (float(alpha) * np.sqrt(np.clip(intensity, 0.0, 1.0)))[:, :, None].astype(np.float32)
-        mixed = (1.0 - a) * base + a * color.astype(np.float32)
-        out.append(Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8)))
+        s = _resized(s, (h, w))
+        mixed = np.empty((h, w, 3), np.uint8)
+        step = max(1, (1 << 20) // max(w, 1))  # about a megapixel at a time: big images stay cheap
+        for r0 in range(0, h, step):
+            rows = slice(r0, r0 + step)
+            part = s[rows]
+            intensity = np.abs(2.0 * part - 1.0) if rs == "centered" else part
+            base = bg[rows].astype(np.float32)
+            if grayscale:
+                gray = base @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+                base = np.repeat(gray[:, :, None], 3, axis=2)
+            a = (float(alpha) * np.sqrt(np.clip(intensity, 0.0, 1.0)))[:, :, None].astype(np.float32)
+            blend = (1.0 - a) * base + a * colorize(part, cmap).astype(np.float32)
+            mixed[rows] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(mixed)
+        out.append(_with_colorbar(img, a_lo, a_hi, cmap, rs) if colorbar else img)
     return out
 
 

@@ -10,10 +10,25 @@ Conversions: 8-bit images are divided by 255, 16-bit ones (mode ``I;16``, ``I``)
 every image becomes RGB (grayscale is repeated, palettes are expanded, an alpha channel is dropped as
 torchvision's loader does); for 1-channel models grayscale images are used as they are and color images
 are refused (convert them to grayscale first, so that the conversion is yours to choose).
+
+Large images are decoded reduced: when the model's input is much smaller than the image, a JPEG is decoded
+at 1/2, 1/4 or 1/8 scale (libjpeg's draft mode) and other formats are box-averaged by an integer factor
+(``Image.reduce``) before the conversion to float, keeping at least ``REDUCING_GAP`` times the model's size
+for the final antialiased bilinear resize (Pillow's ``reducing_gap``). Images that need no such reduction
+(within ``REDUCING_GAP`` times the model's size) take the plain path: full conversion, then the resize.
+Pillow's decompression-bomb guard: images above ``PIL.Image.MAX_IMAGE_PIXELS`` load (reduced) without
+Pillow's warning; above twice that (``pixel_limit()``, where Pillow raises ``DecompressionBombError``) they
+are refused with an :class:`ImageTooLargeError` naming the file and its pixel count.
+
+``load_image_and_picture`` also gives the image itself as an RGB picture (what the command line draws the
+overlay on): at its own size, scaled down, aspect ratio kept, to at most ``MAX_PICTURE_PIXELS``.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
+import warnings
 
 import numpy as np
 
@@ -27,6 +42,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+#: Reduced decoding keeps at least this many times the target size for the final resize (Pillow's
+#: ``reducing_gap``; 3 is where Pillow calls the result indistinguishable from a full-resolution resize).
+REDUCING_GAP = 3.0
+#: Pictures (``load_picture``) larger than this are scaled down to it, aspect ratio kept (4096 x 4096).
+MAX_PICTURE_PIXELS = 1 << 24
+_PICTURE_REDUCING_GAP = 2.0  # Pillow's thumbnail default: pictures are for looking at
+
+
+class ImageTooLargeError(InputError):
+    """The image has more pixels than :func:`pixel_limit` allows (a possible decompression bomb)."""
+
+
+def pixel_limit():
+    """The most pixels an image may have: twice ``PIL.Image.MAX_IMAGE_PIXELS``, where Pillow raises
+    ``DecompressionBombError`` (None when that guard is switched off)."""
+    from PIL import Image
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
 
 
 def is_image_path(path) -> bool:
@@ -38,7 +70,15 @@ def open_image(path):
     from PIL import Image, UnidentifiedImageError
     path = os.fspath(path)
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():  # images above MAX_IMAGE_PIXELS are decoded reduced: no raw warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        limit = pixel_limit()
+        raise ImageTooLargeError(f"{path}: the image has {count}, over the limit of "
+                                 f"{limit:,} (Pillow's decompression-bomb guard); not decoded") from None
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -86,32 +126,131 @@ def _to_float(img, channels: int) -> np.ndarray:
     return arr
 
 
-def resize(arr: np.ndarray, size) -> np.ndarray:
-    """Resize an (H, W, C) float array to ``size`` = (H, W) with Pillow's antialiased bilinear filter."""
+def resize(arr: np.ndarray, size, *, box=None) -> np.ndarray:
+    """Resize an (H, W, C) float array to ``size`` = (H, W) with Pillow's antialiased bilinear filter
+    (``box``: the source region (left, upper, right, lower) in pixels, default the whole array)."""
     from PIL import Image
     h, w = size
-    if arr.shape[:2] == (h, w):
+    if arr.shape[:2] == (h, w) and box is None:
         return arr
     chans = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[:, :, c], dtype=np.float32))
-                        .resize((w, h), Image.Resampling.BILINEAR)) for c in range(arr.shape[2])]
+                        .resize((w, h), Image.Resampling.BILINEAR, box=box)) for c in range(arr.shape[2])]
     return np.clip(np.stack(chans, axis=2), 0.0, 1.0).astype(np.float32)
 
 
-def load_image(path, size=None, channels: int = 3) -> np.ndarray:
-    """Read an image as an (H, W, channels) float32 array in [0, 1], resized to ``size`` = (H, W) if given."""
+def picture_size(size, max_pixels=MAX_PICTURE_PIXELS):
+    """(width, height) of an image's picture: its own ``size`` = (width, height), scaled down (aspect
+    ratio kept) to at most ``max_pixels`` pixels (None: no limit)."""
+    w, h = int(size[0]), int(size[1])
+    if max_pixels is None or w * h <= max_pixels:
+        return w, h
+    r = math.sqrt(max_pixels / (w * h))
+    return max(1, int(w * r)), max(1, int(h * r))
+
+
+def _reducible(img, channels):
+    """The image in a mode that ``Image.reduce`` averages correctly and ``_to_float`` reads the same."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return img.convert("I")  # same values; _to_float divides "I" by 65535 as well
+    if mode in ("I", "F", "L", "RGB"):
+        return img
+    return img.convert("L" if channels == 1 or mode in _GRAY_MODES else "RGB")  # palettes, alpha, CMYK, "1"
+
+
+def _as_array(img, size, channels, box=None):
+    """The (H, W, channels) float input: integer box reduction while the image is more than REDUCING_GAP
+    times ``size`` (H, W), then the conversion to float and the antialiased bilinear resize. ``box``: the
+    image's extent in ``img``'s pixels when a draft decode rounded its size up (None: all of ``img``)."""
+    if size is not None:
+        bw, bh = (box[2], box[3]) if box is not None else img.size
+        fx = max(1, int(bw / size[1] / REDUCING_GAP))
+        fy = max(1, int(bh / size[0] / REDUCING_GAP))
+        if fx > 1 or fy > 1:
+            # the last reduced row/column averages what is left over: the resize takes the exact source
+            # region in reduced pixels, as Pillow's own resize(reducing_gap=...) does
+            box = (0.0, 0.0, bw / fx, bh / fy)
+            img = _reducible(img, channels).reduce((fx, fy))
+    arr = _to_float(img, channels)
+    return resize(arr, size, box=box) if size is not None else arr
+
+
+def _as_picture(img, size, box=None):
+    """The image as an RGB PIL image of ``size`` (width, height); ``box`` as for _as_array."""
+    from PIL import Image
+    mode = img.mode
+    resized = img.size != tuple(size) or box is not None
+    if mode.startswith("I;16") or mode in ("I", "F"):  # through the float scaling: 16-bit is not clipped
+        src = img.convert("I") if mode.startswith("I;16") else img
+        if resized:
+            src = src.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=_PICTURE_REDUCING_GAP)
+        return display_image(_to_float(src, 1))
+    if not resized:
+        return img.copy() if mode == "RGB" else img.convert("RGB")
+    src = img if mode in ("L", "RGB") else _reducible(img, 3)
+    return src.resize(size, Image.Resampling.BICUBIC, box=box,
+                      reducing_gap=_PICTURE_REDUCING_GAP).convert("RGB")
+
+
+def _read(path, size, channels, array=True, max_picture_pixels=None):
+    """Decode ``path`` once, at the least resolution that the array (``size`` = (H, W), None = full) and
+    the picture (when ``max_picture_pixels`` is given) need. Returns (array or None, picture or None)."""
+    from PIL import Image
     path = os.fspath(path)
     img = open_image(path)
-    check_channels(img, channels, path)
     try:
-        img.load()
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
-        arr = _to_float(img, channels)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{path}: cannot decode the image: {exc}") from None
+        check_channels(img, channels, path)
+        w, h = img.size
+        pic_size = picture_size((w, h), max_picture_pixels) if max_picture_pixels else None
+        needs = []  # (width, height) each result needs from the decoder
+        if array:
+            needs.append((w, h) if size is None else (math.ceil(size[1] * REDUCING_GAP),
+                                                      math.ceil(size[0] * REDUCING_GAP)))
+        if pic_size is not None:
+            needs.append((w, h) if pic_size == (w, h) else (math.ceil(pic_size[0] * _PICTURE_REDUCING_GAP),
+                                                            math.ceil(pic_size[1] * _PICTURE_REDUCING_GAP)))
+        need = (max(1, max(n[0] for n in needs)), max(1, max(n[1] for n in needs)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                box = None
+                if need[0] < w and need[1] < h:
+                    # JPEG: decoded at 1/2, 1/4 or 1/8 scale, still >= need (others: no-op); the size is
+                    # rounded up, the box says where the image ends
+                    drafted = img.draft(None, need)
+                    if drafted is not None and img.size != (w, h):
+                        box = tuple(float(v) for v in drafted[1])
+                img.load()
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)
+                arr = _as_array(img, size, channels, box) if array else None
+                picture = _as_picture(img, pic_size, box) if pic_size is not None else None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InputError(f"{path}: cannot decode the image: {exc}") from None
     finally:
         img.close()
-    return resize(arr, size) if size is not None else arr
+    return arr, picture
+
+
+def load_image(path, size=None, channels: int = 3) -> np.ndarray:
+    """Read an image as an (H, W, channels) float32 array in [0, 1], resized to ``size`` = (H, W) if given.
+
+    Images much larger than ``size`` are decoded reduced (see the module docstring), so that a huge image
+    costs memory for its decoded 8-bit pixels, not for a float copy of them.
+    """
+    return _read(path, size, channels)[0]
+
+
+def load_image_and_picture(path, size=None, channels: int = 3, max_picture_pixels=MAX_PICTURE_PIXELS):
+    """``(load_image(path, size, channels), load_picture(path, channels, max_picture_pixels))`` from one
+    decode."""
+    return _read(path, size, channels, True, max_picture_pixels)
+
+
+def load_picture(path, channels: int = 3, max_picture_pixels=MAX_PICTURE_PIXELS):
+    """The image as an RGB PIL image at its own size, scaled down (aspect ratio kept) to at most
+    ``max_picture_pixels`` (see :func:`picture_size`): what an overlay is drawn on."""
+    return _read(path, None, channels, False, max_picture_pixels)[1]
 
 
 def normalize(arr: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

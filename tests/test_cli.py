@@ -163,8 +163,10 @@ def test_saved_relevance_and_json_match_the_api(tmp_path):
         assert row["predicted"] == row["explained"] == int(expl.output[i].argmax())
         assert row["score"] == pytest.approx(float(expl.output[i].max()), rel=1e-5)
         assert row["relevance_sum"] == pytest.approx(float(expl.val[i].sum()), rel=1e-4, abs=1e-6)
-        _assert_sign_colors(row["heatmap"], expl.val[i])
-        assert Image.open(row["overlay"]).size == (32, 32)  # the large image is resized to the model's input
+        if i == 0:  # example.png is 32 x 32, the model's size: the heatmap's pixels are the relevance's
+            _assert_sign_colors(row["heatmap"], expl.val[i])
+        # pictures at the image's own size (the large one's map upsampled from the model's 32 x 32)
+        assert Image.open(row["heatmap"]).size == Image.open(row["overlay"]).size == Image.open(row["input"]).size
 
 
 def test_label_files_are_validated_and_sparse(tmp_path):
@@ -284,7 +286,9 @@ def test_nhwc_and_dynamic_models(tmp_path):
     assert r.exit_code == 0, r.stderr
     rel = np.load(tmp_path / "o" / "example_relevance.npy")
     assert rel.shape == (16, 16, 3)
-    _assert_sign_colors(tmp_path / "o" / "example_heatmap.png", rel.transpose(2, 0, 1))
+    heat = np.asarray(Image.open(tmp_path / "o" / "example_heatmap.png"))
+    assert heat.shape == (32, 32, 3)  # the image's size; the model's input is 16 x 16
+    np.testing.assert_array_equal(heat, np.asarray(onnxlrp.heatmap(rel[None], layout="NHWC", size=(32, 32))[0]))
     expl = _api_relevance(nhwc, [EXAMPLE], onnxlrp.EpsilonGammaBox(-3, 3), size=(16, 16), layout="NHWC")
     np.testing.assert_allclose(rel, expl.val[0], rtol=1e-5, atol=1e-7)
 
@@ -294,7 +298,7 @@ def test_nhwc_and_dynamic_models(tmp_path):
     assert Image.open(tmp_path / "d" / "example_large_heatmap.png").size == (96, 72)  # kept its size
     r = invoke("explain", dyn, FIXTURES / "example_large.png", "--out", tmp_path / "d2", "--input-shape", "3,24,20")
     assert r.exit_code == 0, r.stderr
-    assert Image.open(tmp_path / "d2" / "example_large_heatmap.png").size == (20, 24)
+    assert Image.open(tmp_path / "d2" / "example_large_heatmap.png").size == (96, 72)  # the image's size
 
 
 # -- bad inputs: one line, exit 1 or 2, nothing written -----------------------------------------------------------

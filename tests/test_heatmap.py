@@ -10,7 +10,7 @@ from PIL import Image
 
 import onnxlrp
 from onnxlrp import Explanation, heatmap, heatmap_overlay, text_heatmap
-from onnxlrp.heatmaps import colorize, readable_text_color, reduce_channels, scale_range
+from onnxlrp.heatmaps import colorize, colormap_lut, readable_text_color, reduce_channels, scale_range, value_range
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models_fixtures"
 
@@ -169,6 +169,97 @@ def test_heatmap_of_a_real_explanation():
     assert np.array_equal(np.sign(a[..., 0] - a[..., 2])[strong], np.sign(s)[strong])
     over = onnxlrp.heatmap_overlay(expl, x.transpose(0, 2, 3, 1).clip(0, 1))
     assert len(over) == 2 and over[0].size == (32, 32)
+
+
+def _on_colormap(img, colormap="seismic"):
+    """Every pixel is one of the colormap's lookup-table colors."""
+    def code(rgb):
+        rgb = np.asarray(rgb, dtype=np.int64).reshape(-1, 3)
+        return (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+    return bool(np.all(np.isin(code(img), code(colormap_lut(colormap)))))
+
+
+def test_size_upsamples_the_scaled_map_before_coloring():
+    """heatmap(size=...) resizes the map, not the colors: every pixel stays on the colormap (an RGB resize
+    would blend red and blue into purple), signs and the exact white of zero are kept."""
+    val = _signed_map()
+    big = heatmap(val, size=(40, 24))[0]
+    assert big.size == (24, 40) and _on_colormap(big)
+    a = np.asarray(big).astype(int)
+    assert np.all(a[2, 3:21, 0] > a[2, 3:21, 2] + 50)       # inside row 0 (positive): red
+    assert np.all(a[14, 3:21, 2] > a[14, 3:21, 0] + 50)     # inside row 1 (negative): blue
+    assert tuple(a[35, 20]) == (255, 255, 255)              # inside the zero rows: white
+    same = heatmap(val, size=(4, 4))[0]
+    assert np.array_equal(np.asarray(same), np.asarray(heatmap(val)[0]))  # its own size: unchanged
+    with pytest.raises(ValueError, match="size"):
+        heatmap(val, size=(0, 4))
+
+
+def test_value_range_and_vrange_share_one_scale():
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((1, 3, 6, 6))
+    b = 10 * rng.standard_normal((1, 3, 8, 5))   # another shape, ten times stronger
+    maps = [reduce_channels(a, "sum")[0], reduce_channels(b, "sum")[0]]
+    lo, hi = value_range(maps)
+    assert hi == pytest.approx(max(np.abs(m).max() for m in maps)) and lo == -hi
+    lo_e, hi_e = value_range(maps, "extrema")
+    assert (lo_e, hi_e) == (pytest.approx(min(m.min() for m in maps)), pytest.approx(max(m.max() for m in maps)))
+    clipped = value_range(maps, percentile=50)
+    assert 0 < clipped[1] < hi
+    # vrange over two same-shaped maps is process_batch=True
+    c = rng.standard_normal((2, 3, 6, 6))
+    together = [np.asarray(i) for i in heatmap(c, process_batch=True)]
+    vr = value_range(list(reduce_channels(c, "sum")))
+    assert all(np.array_equal(x, np.asarray(heatmap(c[i:i + 1], vrange=vr)[0])) for i, x in enumerate(together))
+    # the weaker map, on the stronger one's scale, is paler than on its own
+    own = np.asarray(heatmap(a)[0]).astype(int)
+    shared = np.asarray(heatmap(a, vrange=(lo, hi))[0]).astype(int)
+    assert np.abs(shared - 255).sum() < np.abs(own - 255).sum() / 3
+    # centered uses the larger magnitude of (lo, hi); extrema the range as given
+    np.testing.assert_allclose(scale_range(np.array([[[-1.0, 1.0]]]), vrange=(-0.5, 2.0)), [[[0.25, 0.75]]])
+    np.testing.assert_allclose(scale_range(np.array([[[0.0, 1.0, 3.0]]]), "extrema", vrange=(1.0, 2.0)),
+                               [[[0.0, 0.0, 1.0]]])
+    for bad in ((1.0,), (2.0, 1.0), (0.0, np.inf), "ab"):
+        with pytest.raises(ValueError, match="vrange"):
+            heatmap(a, vrange=bad)
+
+
+def test_colorbar_draws_the_colormap_and_labels_its_range():
+    from onnxlrp.heatmaps import _fmt_value
+    val = np.random.default_rng(10).standard_normal((2, 3, 50, 40)).astype(np.float32)
+    plain = heatmap(val)
+    bars = heatmap(val, colorbar=True)
+    assert len(bars) == 2
+    for p, b in zip(plain, bars):
+        arr = np.asarray(b)
+        assert b.height == 96 and b.width > 40 + 30  # small pictures get a bar tall enough for its labels
+        top = (96 - 50) // 2
+        np.testing.assert_array_equal(arr[top:top + 50, :40], np.asarray(p))
+        right = arr[:, 40:]
+        for color in colorize(np.array([1.0, 0.5, 0.0]), "seismic"):  # both ends and the white middle
+            assert np.any(np.all(right == color, axis=-1)), color
+    big = heatmap(val[:1], size=(400, 320), colorbar=True, rangescale="extrema", colormap="viridis")[0]
+    assert big.height == 400 and big.width > 320 + 40
+    assert np.any(np.all(np.asarray(big)[:, 320:] == colorize(np.array([1.0]), "viridis")[0], axis=-1))
+    over = heatmap_overlay(val[:1], np.zeros((50, 40, 3), np.uint8), colorbar=True)[0]
+    assert over.size == bars[0].size
+    assert [_fmt_value(v, True) for v in (0.0123456, 0.0, -0.0123456)] == ["+0.0123", "0", "-0.0123"]
+    assert _fmt_value(2.5e-7, False) == "2.5e-07"
+
+
+def test_overlay_of_a_big_image_matches_the_pixelwise_formula():
+    """The overlay is blended a megapixel at a time: the same result as the formula on the whole image."""
+    from PIL import Image
+    from onnxlrp.heatmaps import _resized
+    val = np.random.default_rng(11).standard_normal((1, 3, 8, 8))
+    bg = (np.random.default_rng(12).random((1100, 1000, 3)) * 255).astype(np.uint8)
+    out = np.asarray(heatmap_overlay(val, bg, alpha=0.5)[0]).astype(np.float32)
+    s = _resized(scale_range(val.sum(1))[0], (1100, 1000))
+    gray = np.repeat((bg.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, None], 3, axis=2)
+    a = (0.5 * np.sqrt(np.abs(2.0 * s - 1.0)))[:, :, None].astype(np.float32)
+    expected = np.clip((1 - a) * gray + a * colorize(s).astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+    assert _on_colormap(Image.fromarray(np.asarray(heatmap(val, size=(1100, 1000))[0])))
 
 
 # -- text ----------------------------------------------------------------------------------------------------

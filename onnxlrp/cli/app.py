@@ -44,12 +44,26 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first} (run with --debug for the traceback)"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """onnxlrp's warnings (an explosion, a non-finite result and the layer it started at) as one line on
+    stderr, without the source file and line Python's default display adds."""
+    from ..errors import LRPWarning
+    if issubclass(category, LRPWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        import warnings
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), err=True)
+
+
 class LRPGroup(click.Group):
     """A click group that turns exceptions into one-line errors (exit 1) unless --debug is given."""
 
     def invoke(self, ctx):
+        import warnings
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except BrokenPipeError:  # `onnxlrp ... | head`: stop quietly (as the Python docs recommend)

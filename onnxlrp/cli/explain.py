@@ -3,7 +3,10 @@
 Everything that can fail on the user's side is checked before the first file is written: the rule
 options, the model, every input (images are opened to their header, arrays to their shape), the output
 selection, the labels, and the output folder (existing files are refused without --force). Files are
-written under a temporary name and renamed, so an interrupted run leaves no partial file.
+written under a temporary name and renamed, so an interrupted run leaves no partial file; an input's
+files are written all or none. What only decoding can tell (an image over Pillow's pixel limit, a file
+that does not decode) becomes an error row for that input, and the others are still explained. Ctrl-C
+stops after the inputs finished so far: their table (or JSON) is printed, and the exit code is 130.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,8 +24,8 @@ import numpy as np
 
 from ..files import atomic_write
 from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cli, debug_option,
-                  device_option, fmt_shape, load_analyzer, model_argument, pop_rule_kwargs, precision_option,
-                  rule_options, skip_checks_option)
+                  device_option, fmt_shape, load_analyzer, model_argument, output_name_option, pop_rule_kwargs,
+                  precision_option, rule_options, skip_checks_option)
 
 DEFAULT_OUT = "lrp_out"
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)  # the ImageNet statistics averaged over RGB, for 1-channel models
@@ -35,6 +39,8 @@ class Sample:
     key: tuple = ()                # samples with equal keys can share a batch (same array shape)
     name: str = ""
     outputs: dict = field(default_factory=dict)  # "heatmap"/"overlay"/"relevance" -> path
+    image_size: tuple | None = None  # (width, height) of an image file, from its header
+    error: str | None = None       # why the input is not explained (found while validating)
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
@@ -65,10 +71,20 @@ def collect_inputs(paths):
 
 def _load_npy(path, mmap=True):
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise CLIError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0] if str(exc) else exc})") \
-            from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "pickled" in text or "Python objects" in text or "Object arrays" in text:
+            raise CLIError(f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); "
+                           "save a numeric array with numpy.save") from None
+        raise CLIError(f"{path}: not a readable .npy array ({text})") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):  # np.load goes by the content: a zip is an .npz archive
+        names = arr.files
+        arr.close()
+        listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise CLIError(f"{path}: is an .npz archive (of {listed or 'no arrays'}), not a .npy array; save the "
+                       "input with numpy.save") from None
+    return arr
 
 
 @dataclass
@@ -111,9 +127,15 @@ def input_spec(analyzer, layout_opt, input_shape):
     return spec
 
 
+def _reason(exc, path):
+    """An error message without its leading 'PATH: ' (the row names the input)."""
+    text = str(exc)
+    return text[len(path) + 2:] if text.startswith(f"{path}: ") else text
+
+
 def validate_inputs(found, spec):
     """Open every input far enough to know it fits; returns the samples (one per image / array row)."""
-    from ..images import check_channels, open_image
+    from ..images import ImageTooLargeError, check_channels, open_image
     from ..errors import InputError
     samples = []
     for path, kind in found:
@@ -126,9 +148,13 @@ def validate_inputs(found, spec):
                 with img:
                     check_channels(img, spec.channels, path)
                     size = spec.size or (img.height, img.width)
+                    image_size = img.size
+            except ImageTooLargeError as exc:  # an image that fits, but too big to decode: an error row
+                samples.append(Sample(path, "image", key=("image", spec.size), error=_reason(exc, path)))
+                continue
             except InputError as exc:
                 raise CLIError(str(exc)) from None
-            samples.append(Sample(path, "image", key=("image", tuple(size))))
+            samples.append(Sample(path, "image", key=("image", tuple(size)), image_size=image_size))
             continue
         arr = _load_npy(path)
         if not (np.issubdtype(arr.dtype, np.floating)):
@@ -233,6 +259,8 @@ def plan_outputs(samples, out, spec, save_npy):
     heat = spec.image
     for s in samples:
         s.outputs = {}
+        if s.error is not None:
+            continue
         if heat:
             s.outputs["heatmap"] = os.path.join(out, f"{s.name}_heatmap.png")
             if s.kind == "image":
@@ -332,16 +360,23 @@ def _batches(samples, size):
         yield batch
 
 
-def _load_sample(s, spec, mean, std, arrays):
-    from ..images import display_image, load_image, normalize, to_layout
-    from ..errors import InputError
+#: pictures up to this size are kept from the decode that makes the model input; larger ones are read
+#: again when their overlay is drawn, so that a batch of big photos does not sit in memory
+KEEP_PICTURE_PIXELS = 1 << 20
+
+
+def _load_sample(s, spec, mean, std, arrays, keep_picture):
+    """(model input, the image's picture or None); InputError when the image does not decode."""
+    from ..images import MAX_PICTURE_PIXELS, load_image, load_image_and_picture, normalize, picture_size, to_layout
     if s.kind == "image":
-        try:
-            arr = load_image(s.path, size=s.key[1], channels=spec.channels)
-        except InputError as exc:
-            raise CLIError(str(exc)) from None
+        pw, ph = picture_size(s.image_size, MAX_PICTURE_PIXELS)
+        if keep_picture and pw * ph <= KEEP_PICTURE_PIXELS:
+            arr, picture = load_image_and_picture(s.path, size=s.key[1], channels=spec.channels,
+                                                  max_picture_pixels=MAX_PICTURE_PIXELS)
+        else:
+            arr, picture = load_image(s.path, size=s.key[1], channels=spec.channels), None
         x = normalize(arr, mean, std) if mean is not None else arr
-        return to_layout(x, spec.layout).astype(spec.dtype), display_image(arr)
+        return to_layout(x, spec.layout).astype(spec.dtype), picture
     if s.path not in arrays:
         arrays.clear()  # keep one array file open at a time
         arrays[s.path] = _load_npy(s.path)
@@ -371,7 +406,7 @@ def print_table(rows, explained_col):
             line += [_fmt_class(r["explained"], r["explained_label"]), f"{r['explained_score']:.4g}"]
         line.append(f"{r['relevance_sum']:.4g}")
         body.append(line)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(headers)]
     right = {i for i, h in enumerate(headers) if h in ("score", "relevance sum")}
 
     def fmt(cells):
@@ -398,22 +433,33 @@ Inputs:
 
 \b
 Outputs, in --out (default ./lrp_out), for each input NAME:
-  NAME_heatmap.png    relevance summed over channels, at the model's input
-                      size: red positive (for the explained class), blue
-                      negative (against it), white zero
-  NAME_overlay.png    the heatmap over the (resized, desaturated) image
-  NAME_relevance.npy  the raw relevance (--save-npy; always for models whose
-                      input is not an image)
-Existing files are never overwritten without --force. A table goes to
-stdout: input, predicted class, score (the model output before softmax),
-relevance sum (close to 1 where the rules conserve relevance).
---json prints the same as JSON.
+  NAME_heatmap.png    relevance summed over channels: red positive (for the
+                      explained class), blue negative (against it), white
+                      zero; at the image file's own size (upsampled from
+                      the model's input size), at the model's input size
+                      for .npy inputs
+  NAME_overlay.png    the heatmap over the (desaturated) image, at the
+                      image's own size
+  NAME_relevance.npy  the raw relevance at the model's input size
+                      (--save-npy; always for models whose input is not an
+                      image)
+Pictures of images over 4096 x 4096 pixels are scaled down to that many
+(aspect ratio kept). Each heatmap is scaled to its own range, or with
+--shared-scale all to one; --colorbar labels the range. Existing files are
+never overwritten without --force. A table goes to stdout: input,
+predicted class, score (the model output before softmax), relevance sum
+(close to 1 where the rules conserve relevance). --json prints the same as
+JSON. An input that cannot be explained (NaN/Inf, over Pillow's pixel
+limit, does not decode) gets an error row, the others are explained, and
+the exit code is 1. Ctrl-C stops after the inputs finished so far, prints
+their table and exits with 130.
 
 \b
 Examples:
   onnxlrp explain model.onnx cat.png
   onnxlrp explain model.onnx -c EpsilonGammaBox --low -3 --high 3 photos/
   onnxlrp explain model.onnx photos/ --labels classes.txt -k 281 -o maps
+  onnxlrp explain model.onnx photos/ --shared-scale --colorbar
   onnxlrp explain model.onnx batch.npy --save-npy --json > results.json
 """
 
@@ -465,15 +511,22 @@ Examples:
                    "out the rest.")
 @click.option("--overlay-alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="Opacity of the heatmap over the image at the most relevant pixels.")
+@click.option("--colorbar", is_flag=True,
+              help="Draw a color bar next to each heatmap and overlay, its ends and middle labelled with the "
+                   "relevance values they stand for.")
+@click.option("--shared-scale", is_flag=True,
+              help="One color scale for all inputs of the run, so that their heatmaps compare (default: each "
+                   "input scaled to its own range). The pictures are drawn once every input is explained.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr. Default: on a terminal, when there is more than one batch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices on stderr (the results still print).")
+@output_name_option
 @precision_option
 @skip_checks_option
 @debug_option
 def explain(model, inputs, text, text_file, tokenizer, output_selection, labels, out, force, save_npy, as_json, mean,
             std, no_normalize, layout, input_shape, batch_size, device, reduce, rangescale, colormap, clip_percentile,
-            overlay_alpha, progress, quiet, precision, skip_checks, **kwargs):
+            overlay_alpha, colorbar, shared_scale, progress, quiet, output_name, precision, skip_checks, **kwargs):
     """Explain MODEL's predictions on INPUTS with LRP: heatmaps and overlays.
 
     INPUTS are image files, folders of images, or .npy arrays. For each input, onnxlrp runs the
@@ -494,6 +547,8 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
             raise click.UsageError("--text and --text-file need --tokenizer tokenizer.json")
         if not rule_kwargs["composite"] and not rule_kwargs["rule"]:
             rule_kwargs["composite"] = "AttnLRP"
+        if colorbar or shared_scale:
+            raise click.UsageError("--colorbar and --shared-scale are for image heatmaps, not --text/--text-file")
     elif not inputs:
         raise click.UsageError("give INPUTS (images, folders, .npy arrays) or --text/--text-file")
     elif tokenizer is not None:
@@ -514,7 +569,7 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
         lines = read_lines(text, text_file)
         label_names = load_labels(labels) if labels else None
         analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks,
-                                 precision=precision)
+                                 precision=precision, output_name=output_name, quiet=quiet)
         explain_text(analyzer, model, lines, tokenizer, output_selection, label_names, out, force, as_json,
                      batch_size, progress, quiet, desc,
                      dict(rangescale=rangescale, colormap=colormap, percentile=clip_percentile))
@@ -523,7 +578,7 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     label_names = load_labels(labels) if labels else None
     # verbose=False: the device is named in the closing line instead of a notice before any error
     analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks,
-                             precision=precision)
+                             precision=precision, output_name=output_name, quiet=quiet)
     if analyzer.token_input:
         raise CLIError(f"{model}: the model's input '{analyzer.data_input}' is token ids: explain text with "
                        "--text or --text-file and --tokenizer tokenizer.json")
@@ -564,55 +619,56 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     plan_outputs(samples, out, spec, save_npy)
     created = prepare_out_dir(out, samples, force)
 
-    hm_kwargs = dict(reduce=reduce, rangescale=rangescale, colormap=colormap, percentile=clip_percentile)
-    rows, arrays, written = [], {}, 0
+    run = _Run(analyzer, spec, output_selection, label_names, norm_mean, norm_std, overlay_alpha, shared_scale,
+               dict(reduce=reduce, rangescale=rangescale, colormap=colormap, percentile=clip_percentile,
+                    colorbar=colorbar))
+    interrupted = False
     bar = Progress(len(samples), False if quiet else (progress if progress is not None
                                                       else (None if len(samples) > batch_size else False)),
                    "explaining")
     try:
-        for batch in _batches(samples, batch_size):
-            loaded = [_load_sample(s, spec, norm_mean, norm_std, arrays) for s in batch]
-            # NaN/Inf in an input gives NaN relevance, which a heatmap shows as "no relevance": refuse it
-            # per input and explain the others
-            finite = [bool(np.all(np.isfinite(xi))) for xi, _ in loaded]
-            explained = iter(())
-            if any(finite):
-                kept = [s for s, ok in zip(batch, finite) if ok]
-                kept_loaded = [item for item, ok in zip(loaded, finite) if ok]
-                expl = analyzer.analyze(np.stack([xi for xi, _ in kept_loaded]), output_selection)
-                explained = iter(_write_batch(kept, kept_loaded, expl, spec, hm_kwargs, overlay_alpha, label_names))
-                written += sum(len(s.outputs) for s in kept)
-            for s, ok in zip(batch, finite):  # in input order
-                if not ok:
-                    s.outputs.clear()
-                rows.append(next(explained) if ok else _row(s, error="the input holds NaN or infinite values"))
-            bar.update(len(batch))
+        try:
+            for batch in _batches(samples, batch_size):
+                run.explain(batch)
+                bar.update(len(batch))
+        except KeyboardInterrupt:  # Ctrl-C: report what is finished
+            interrupted = True
+        finally:
+            bar.close()
+            run.arrays.clear()
+        if run.pending and not run.draw_pending():  # --shared-scale: the pictures, on the scale of all inputs
+            interrupted = True
     except BaseException:
-        if written == 0:
+        if run.files == 0:
             remove_dirs(created)
         raise
-    finally:
-        bar.close()
-        arrays.clear()
+    if interrupted and run.files == 0:
+        remove_dirs(created)
+    rows = run.rows
 
     if as_json:  # strict JSON: no NaN
         click.echo(json.dumps({"model": model, "rules": desc, "device": analyzer.execution_device,
-                               "out": out, "results": rows}, indent=2, allow_nan=False))
+                               "out": out, "interrupted": interrupted, "inputs": len(samples), "results": rows},
+                              indent=2, allow_nan=False))
     else:
         print_table(rows, explained_col=output_selection is not None)
     failed = [r for r in rows if r["status"] != "ok"]
     if not as_json:  # the JSON carries them
         for r in failed:
             click.echo(f"onnxlrp: error: {r['input']}: {r['error']}", err=True)
+    if interrupted:
+        click.echo(f"onnxlrp: interrupted after {len(rows)} of {len(samples)} inputs", err=True)
     if not quiet:
-        kinds = Counter(k for s in samples for k in s.outputs)
+        kinds = Counter(k for r in rows for k in ("heatmap", "overlay", "relevance") if r[k] is not None)
         nouns = {"heatmap": ("heatmap", "heatmaps"), "overlay": ("overlay", "overlays"),
                  "relevance": ("relevance array", "relevance arrays")}
         what = ", ".join(f"{n} {nouns[k][n != 1]}" for k, n in kinds.items())
         click.echo(f"onnxlrp: {desc} on {analyzer.execution_device}; wrote {what or 'nothing'} to {out}{os.sep}",
                    err=True)
+    if interrupted:
+        raise click.exceptions.Exit(130)  # 128 + SIGINT, as shells report it
     if failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _row(s, error=None, **values):
@@ -627,31 +683,148 @@ def _row(s, error=None, **values):
     return row
 
 
-def _write_batch(batch, loaded, expl, spec, hm_kwargs, alpha, labels):
-    from ..heatmaps import heatmap, heatmap_overlay
-    n = len(batch)
-    outputs = np.asarray(expl.output).reshape(n, -1)
-    rel = np.asarray(expl.val)
-    rows = []
-    for i, (s, (_, display)) in enumerate(zip(batch, loaded)):
-        if not (np.all(np.isfinite(rel[i])) and np.all(np.isfinite(outputs[i]))):
+class _Run:
+    """The explain loop's state: one result row per finished input, in input order, and the files written.
+
+    An input is finished when all its files are written (an interrupt or error midway removes the ones
+    already there). With --shared-scale the pictures wait in ``pending`` (the input's channel-reduced
+    relevance map) until every input is explained, and are drawn on one color scale by ``draw_pending``.
+    """
+
+    def __init__(self, analyzer, spec, output_selection, labels, mean, std, alpha, shared, picture_opts):
+        self.analyzer, self.spec, self.output_selection, self.labels = analyzer, spec, output_selection, labels
+        self.mean, self.std, self.alpha, self.shared = mean, std, alpha, shared
+        self.picture_opts = picture_opts  # reduce, rangescale, colormap, percentile, colorbar
+        self.rows, self.pending, self.arrays, self.files = [], [], {}, 0
+
+    def explain(self, batch):
+        from ..errors import InputError, LRPWarning
+        loaded = []
+        for s in batch:
+            item = None
+            if s.error is None:
+                try:
+                    item = _load_sample(s, self.spec, self.mean, self.std, self.arrays, keep_picture=not self.shared)
+                except InputError as exc:  # e.g. a truncated file: its own error row, the others go on
+                    s.error = _reason(exc, s.path)
+                else:
+                    # NaN/Inf in an input gives NaN relevance, which a heatmap shows as "no relevance": refuse
+                    # it per input and explain the others
+                    if not np.all(np.isfinite(item[0])):
+                        s.error, item = "the input holds NaN or infinite values", None
+            loaded.append(item)
+        kept = [item for item in loaded if item is not None]
+        with warnings.catch_warnings():
+            # a non-finite result becomes that input's error row, with the layer the warning names
+            warnings.filterwarnings("ignore", message=r".*sample \d+: the (model's output|relevance) is not finite",
+                                    category=LRPWarning)
+            expl = self.analyzer.analyze(np.stack([x for x, _ in kept]), self.output_selection) if kept else None
+        nonfinite = expl.extras.get("nonfinite", {}) if kept else {}
+        outputs = np.asarray(expl.output).reshape(len(kept), -1) if kept else None
+        rel = np.asarray(expl.val) if kept else None
+        j = 0
+        for s, item in zip(batch, loaded):  # in input order
+            if item is None:
+                s.outputs.clear()
+                self.rows.append(_row(s, error=s.error))
+                continue
+            reason = nonfinite.get("reason") if nonfinite.get("first") == j else None  # it names this one's layer
+            self.rows.append(self._finish(s, outputs[j], rel[j], int(expl.output_selection[j]), item[1], reason))
+            j += 1
+
+    def _finish(self, s, output, rel, sel, picture, nonfinite_reason=None):
+        """Write one explained input's files (or keep its map for --shared-scale); its result row."""
+        from ..errors import InputError
+        from ..heatmaps import reduce_channels
+        if not (np.all(np.isfinite(rel)) and np.all(np.isfinite(output))):
             s.outputs.clear()  # no picture that looks valid
-            what = "output" if not np.all(np.isfinite(outputs[i])) else "relevance"
-            rows.append(_row(s, error=f"the model's {what} is not finite (NaN or infinite values; check the "
-                                    "input's range, or explain it with the Python API's layer_relevances)"))
-            continue
-        pred = int(np.argmax(outputs[i]))
-        sel = int(expl.output_selection[i])
-        r = rel[i:i + 1]
-        if "heatmap" in s.outputs:
-            save_png(heatmap(r, layout=spec.layout, **hm_kwargs)[0], s.outputs["heatmap"])
-        if "overlay" in s.outputs:
-            save_png(heatmap_overlay(r, display, alpha, layout=spec.layout, **hm_kwargs)[0], s.outputs["overlay"])
+            what = "output" if not np.all(np.isfinite(output)) else "relevance"
+            return _row(s, error=nonfinite_reason if nonfinite_reason else f"the model's {what} is not finite (NaN or infinite values; "
+                                 "check the input's range, or explain it with the Python API's layer_relevances)")
+        pred = int(np.argmax(output))
+        row = _row(s, predicted=pred, predicted_label=_label(self.labels, pred), score=float(output[pred]),
+                   explained=sel, explained_label=_label(self.labels, sel), explained_score=float(output[sel]),
+                   relevance_sum=float(rel.sum(dtype=np.float64)), heatmap=s.outputs.get("heatmap"),
+                   overlay=s.outputs.get("overlay"), relevance=s.outputs.get("relevance"))
+        drawn = "heatmap" in s.outputs or "overlay" in s.outputs
+        heat_map = None
+        if drawn:  # the channel-reduced relevance, (H, W)
+            heat_map = reduce_channels(rel, self.picture_opts["reduce"], axis=0 if self.spec.layout == "NCHW" else 2)
+        if drawn and self.shared:
+            if "relevance" in s.outputs:
+                self._write(s, lambda: save_npy(rel, s.outputs["relevance"]), ["relevance"])
+            self.pending.append((len(self.rows), s, heat_map.astype(np.float32)))
+            return row
+        writes = []
+        if drawn:
+            writes.append(lambda: self._draw(s, heat_map, picture, None))
         if "relevance" in s.outputs:
-            save_npy(rel[i], s.outputs["relevance"])
-        rows.append(_row(
-            s, predicted=pred, predicted_label=_label(labels, pred), score=float(outputs[i, pred]),
-            explained=sel, explained_label=_label(labels, sel), explained_score=float(outputs[i, sel]),
-            relevance_sum=float(rel[i].sum(dtype=np.float64)), heatmap=s.outputs.get("heatmap"),
-            overlay=s.outputs.get("overlay"), relevance=s.outputs.get("relevance")))
-    return rows
+            writes.append(lambda: save_npy(rel, s.outputs["relevance"]))
+        try:
+            self._write(s, lambda: [w() for w in writes], list(s.outputs))
+        except InputError as exc:  # its picture no longer decodes (the file changed): an error row
+            s.outputs.clear()
+            return _row(s, error=_reason(exc, s.path))
+        return row
+
+    def _write(self, s, write, kinds):
+        """Run ``write`` (which writes s.outputs[kinds]): all or none, an error or interrupt midway removes
+        the input's files (with --force, old ones of an earlier run too: they would not match)."""
+        targets = [s.outputs[k] for k in kinds]
+        try:
+            write()
+        except BaseException:
+            for t in targets:
+                try:
+                    os.remove(t)
+                except OSError:
+                    pass
+            raise
+        self.files += len(targets)
+
+    def _draw(self, s, heat_map, picture, vrange):
+        """s's heatmap (at its image's own size, when it is an image) and overlay."""
+        from ..heatmaps import heatmap, heatmap_overlay
+        from ..images import MAX_PICTURE_PIXELS, load_picture, picture_size
+        opts = dict(self.picture_opts, reduce="sum", vrange=vrange)  # heat_map is reduced already
+        if "overlay" in s.outputs and picture is None:
+            picture = load_picture(s.path, self.spec.channels, MAX_PICTURE_PIXELS)
+        maps = heat_map[None]
+        if "heatmap" in s.outputs:
+            size = picture_size(s.image_size, MAX_PICTURE_PIXELS)[::-1] if s.kind == "image" else None
+            save_png(heatmap(maps, size=size, **opts)[0], s.outputs["heatmap"])
+        if "overlay" in s.outputs:
+            save_png(heatmap_overlay(maps, picture, self.alpha, **opts)[0], s.outputs["overlay"])
+
+    def draw_pending(self):
+        """--shared-scale: draw every pending input on the value range of them all. False when interrupted:
+        the rows from the first undrawn input on are dropped (and their .npy files removed)."""
+        from ..errors import InputError
+        from ..heatmaps import value_range
+        o, k = self.picture_opts, 0
+        try:
+            vrange = value_range([m for _, _, m in self.pending], o["rangescale"], o["percentile"])
+            for k, (i, s, heat_map) in enumerate(self.pending):
+                kinds = [kind for kind in ("heatmap", "overlay") if kind in s.outputs]
+                try:
+                    self._write(s, lambda: self._draw(s, heat_map, None, vrange), kinds)
+                except InputError as exc:  # the image no longer decodes: an error row after all
+                    self._drop(self.rows[i])
+                    self.rows[i] = _row(s, error=_reason(exc, s.path))
+        except KeyboardInterrupt:  # a second Ctrl-C: keep the inputs drawn so far
+            first = self.pending[k][0]
+            for row in self.rows[first:]:
+                self._drop(row)
+            del self.rows[first:]
+            return False
+        finally:
+            self.pending = []
+        return True
+
+    def _drop(self, row):
+        if row["status"] == "ok" and row["relevance"] is not None:
+            try:
+                os.remove(row["relevance"])
+                self.files -= 1
+            except OSError:
+                pass
