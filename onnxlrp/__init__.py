@@ -23,6 +23,7 @@ _EXPORTS = {
     "errors": ["DeviceError", "InputError", "LRPError", "LRPWarning", "ModelLoadError", "RuleCompatibilityError",
                "UnsupportedModelError"],
     "explanation": ["Explanation"],
+    "gradients": ["Gradient", "InputTimesGradient"],
     # The module is named heatmaps so that onnxlrp.heatmap is the function.
     "heatmaps": ["TextHeatmap", "heatmap", "heatmap_overlay", "text_heatmap"],
     "rules": ["AlphaBetaRule", "CPRule", "EpsilonRule", "FlatRule", "GammaRule", "GeneralizedGammaRule",
@@ -31,7 +32,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 #: submodules reachable as attributes (``onnxlrp.images.load_image``) without importing them first
-_SUBMODULES = ("analyzer", "api", "canonization", "cli", "composite", "crp", "emitters", "errors", "explanation", "files",
+_SUBMODULES = ("analyzer", "api", "canonization", "cli", "composite", "crp", "emitters", "errors", "explanation", "files", "gradients",
                "heatmaps", "images", "layers", "loading", "precision", "rewriter", "rules", "runtime")
 
 __all__ = sorted(_WHERE) + ["images"]

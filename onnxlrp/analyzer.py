@@ -22,7 +22,7 @@ from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECT
 from .rules import AlphaBetaRule, Rule
 from .runtime import cuda_provider_options, make_session, session_device
 
-GRAPH_DOC = """onnxlrp relevance graph (Layer-wise Relevance Propagation).
+GRAPH_DOC = """{title}.
 Inputs:
   {x} {xtype} {xshape}: the model's data input{others}
   output_selection int64 (N): flat output index to explain per sample; -1 = the sample's top output; any
@@ -68,6 +68,13 @@ class LRP:
 
     #: emit each layer's relevance per input too (the explosion probe's graph)
     _input_relevances = False
+    #: layers for a gradient graph (every data operand is an input; onnxlrp.gradients)
+    _gradient = False
+    #: multiply the backward pass's result by the input in the graph (InputTimesGradient)
+    _times_input = False
+    #: Explanation.analyzer / Explanation.heatmap, and the emitted graph's title
+    method_name, heatmap_kind = "LRP", "attribution"
+    _graph_title = "onnxlrp relevance graph (Layer-wise Relevance Propagation)"
 
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
@@ -98,7 +105,7 @@ class LRP:
         self.token_input = loaded.explained != loaded.data_input
         self.vocab_size = loaded.vocab_size
         self._canonical = loaded.graph  # emission works on copies (they share the weight arrays)
-        self.layers = build_layers(loaded.graph, self.explained, strict=not skip_checks)
+        self.layers = build_layers(loaded.graph, self.explained, strict=not skip_checks, gradient=self._gradient)
         self.rules = self._resolve_rules(rules_or_composite)
         _confirm_relu_outputs(self.layers, self.rules)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
@@ -117,7 +124,8 @@ class LRP:
         self._built_concepts = {}
         self._out_shapes = {}
         self._explosion_reported = False
-        self._nonfinite_reason = None
+        self._nonfinite_warned = False
+        self._diagnosis = {}  # the probe analyzer and the forward session, built once when first needed
         if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
             self._build(tuple(self.input_shape[1:]))
 
@@ -197,7 +205,7 @@ class LRP:
             canonize_graph(loaded.graph)
             graph = loaded.graph
             _share_arrays(graph, self._canonical)
-        layers = build_layers(graph, self.explained, strict=not self.skip_checks)
+        layers = build_layers(graph, self.explained, strict=not self.skip_checks, gradient=self._gradient)
         _confirm_relu_outputs(layers, self.rules)
         if [l.op_type for l in layers] != [l.op_type for l in self.layers]:
             raise LRPError(f"{self.source}: the graph has a different layer structure for input shape "
@@ -206,7 +214,7 @@ class LRP:
         r = graph.tensors()[self.explained]
         others = "".join(f"\n  {name} {np.dtype(t.dtype)} {_fmt_shape(t.shape or ('?',))}: another model input"
                          for name, t in ((t.name, t) for t in graph.inputs if t.name in self.other_inputs))
-        doc = GRAPH_DOC.format(x=self.data_input, yname=self.output_name, xtype=self.input_dtype, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
+        doc = GRAPH_DOC.format(title=self._graph_title, x=self.data_input, yname=self.output_name, xtype=self.input_dtype, xshape=_fmt_shape((BATCH_DIM, *feature_shape)),
                                others=others, position=POSITION_DOC if self.sequence_output else "",
                                yshape=_fmt_shape(y.shape or ("?",)), rshape=_fmt_shape(r.shape or ("?",)),
                                explained="the input" if not self.token_input else
@@ -214,7 +222,7 @@ class LRP:
         emit_relevance_graph(graph, layers, self.rules, self.data_input,
                              layer_relevances=self.layer_relevances, concept_layer=concept_layer,
                              explained=self.explained, sequence_output=self.sequence_output,
-                             input_relevances=self._input_relevances)
+                             input_relevances=self._input_relevances, times_input=self._times_input)
         if self._dtype == np.float64:
             lower_double_ops(graph)
         return graph, doc
@@ -222,12 +230,15 @@ class LRP:
     def _session(self, model_bytes):
         try:
             return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
-        except ort.capi.onnxruntime_pybind11_state.NotImplemented as e:
-            if self._dtype != np.float64:
+        except (ort.capi.onnxruntime_pybind11_state.NotImplemented,
+                ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
+            if self._dtype != np.float64 or ("tensor(double)" not in str(e) and "implementation for" not in str(e)):
                 raise
-            # a double op onnxruntime has no kernel for and onnxlrp does not lower (Erf, Resize, ...)
+            # a double op onnxruntime has no kernel for and onnxlrp does not lower (Erf, Resize, ...), or
+            # one whose schema has no double at all (Celu)
             if self.verbose:
-                op = str(e).split("implementation for ")[-1].split(" node")[0]
+                op = (str(e).split("implementation for ")[-1].split(" node")[0] if "implementation for" in str(e)
+                      else str(e).split("of operator (")[-1].split(")")[0])
                 print(f"onnxlrp: float64 runs on onnx's reference evaluator (slow): onnxruntime has no double "
                       f"kernel for {op}", file=sys.stderr)
             return ReferenceSession(onnx.load_from_string(model_bytes))
@@ -349,7 +360,7 @@ class LRP:
         if self.token_input and isinstance(results[RELEVANCE], np.ndarray):
             extras["token_relevance"] = results[RELEVANCE].sum(axis=tuple(range(2, results[RELEVANCE].ndim)))
         expl = Explanation(val=results[RELEVANCE], output=results[OUTPUT],
-                           output_selection=selection, analyzer="LRP", heatmap="attribution",
+                           output_selection=selection, analyzer=self.method_name, heatmap=self.heatmap_kind,
                            extras=extras)
         if not keep_on_device:
             finite = self._check_finite(x, expl, feeds)
@@ -359,7 +370,8 @@ class LRP:
 
     def _check_finite(self, x, expl, feeds):
         """False (and an LRPWarning naming the layer, once per analyzer) when a sample's output or relevance
-        is not finite; ``expl.extras["nonfinite"]`` then holds the samples and the reason, on every call."""
+        is not finite; ``expl.extras["nonfinite"]`` then holds the samples, the first of them and why it is
+        not finite (the layer where it starts), on every call."""
         n = len(x)
         out_ok = np.isfinite(np.asarray(expl.output).reshape(n, -1)).all(1)
         rel_ok = np.isfinite(np.asarray(expl.val).reshape(n, -1)).all(1)
@@ -367,11 +379,12 @@ class LRP:
         if not bad.size:
             return True
         first = int(bad[0])
-        if self._nonfinite_reason is None:
-            self._nonfinite_reason = (self._overflow_reason(feeds, first) if not out_ok[first]
-                                      else self._nonfinite_relevance_reason(x, feeds, first))
-            warnings.warn(f"{self.source}: sample {first}: {self._nonfinite_reason}", LRPWarning, stacklevel=3)
-        expl.extras["nonfinite"] = {"samples": bad.tolist(), "reason": self._nonfinite_reason}
+        reason = (self._overflow_reason(feeds, first) if not out_ok[first]
+                  else self._nonfinite_relevance_reason(x, feeds, first))
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            warnings.warn(f"{self.source}: sample {first}: {reason}", LRPWarning, stacklevel=3)
+        expl.extras["nonfinite"] = {"samples": bad.tolist(), "first": first, "reason": reason}
         return False
 
     @staticmethod
@@ -381,16 +394,19 @@ class LRP:
     def _overflow_reason(self, feeds, index):
         """Why the forward pass is not finite: the first layer whose output overflows (the input is finite)."""
         reason = "the model's output is not finite (NaN or infinite values: its forward pass overflows float32)"
+        layers = sorted(self.layers, key=lambda l: l.index)
         try:
-            import onnx_graphsurgeon as gs
-            graph = self._canonical.copy()
-            tensors = graph.tensors()
-            layers = sorted(self.layers, key=lambda l: l.index)
-            outs = [tensors[l.outputs[0].name] for l in layers]
-            for t in outs:
-                t.dtype = t.dtype or self._dtype
-            graph.outputs = outs
-            session = make_session(gs.export_onnx(graph).SerializeToString(), "cpu", verbose=False)
+            if "forward" not in self._diagnosis:
+                import onnx_graphsurgeon as gs
+                graph = self._canonical.copy()
+                tensors = graph.tensors()
+                outs = [tensors[l.outputs[0].name] for l in layers]
+                for t in outs:
+                    t.dtype = t.dtype or self._dtype
+                graph.outputs = outs
+                self._diagnosis["forward"] = make_session(gs.export_onnx(graph).SerializeToString(), "cpu",
+                                                          verbose=False)
+            session = self._diagnosis["forward"]
             wanted = {i.name for i in session.get_inputs()}
             values = session.run(None, {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in wanted})
         except Exception:  # the diagnosis is best effort; the fact stands without it
@@ -455,12 +471,15 @@ class LRP:
         """For sample ``index``: ({layer: sum |R| at its output}, {layer: sum |R| it passes to its inputs}),
         from a twin relevance graph that returns every layer's relevance per input; None if that fails."""
         try:
-            probe = _ExplosionProbe(self._model, list(self.rules), normalize_output_relevance=True, verbose=False,
-                                    device="cpu", input_name=self._input_name, layer_relevances=True,
-                                    skip_checks=self.skip_checks, precision=self.precision,
-                                    output_name=self.output_name, max_fold_bytes=self._max_fold_bytes)
-            probe._explosion_reported = True
-            probe._nonfinite_reason = "(not diagnosed in the probe)"
+            probe = self._diagnosis.get("probe")
+            if probe is None:
+                probe = _probe_class(type(self))(
+                    self._model, list(self.rules), normalize_output_relevance=True, verbose=False, device="cpu",
+                    input_name=self._input_name, layer_relevances=True, skip_checks=self.skip_checks,
+                    precision=self.precision, output_name=self.output_name, max_fold_bytes=self._max_fold_bytes)
+                probe._explosion_reported = True
+                probe._nonfinite_warned = True
+                self._diagnosis["probe"] = probe
             inputs = {k: np.asarray(v)[index:index + 1] for k, v in feeds.items() if k in self.other_inputs}
             sel = np.asarray(feeds[SELECTION])[index:index + 1]
             kw = {"position": np.asarray(feeds[POSITION])[index:index + 1]} if POSITION in feeds else {}
@@ -600,10 +619,15 @@ class LRP:
         return f"LRP(\n{self.rules_listing()}\n)"
 
 
-class _ExplosionProbe(LRP):
+_PROBES = {}
+
+
+def _probe_class(cls):
     """The analyzer's twin that also returns each layer's relevance per input, to find the layer whose rule
     creates relevance (a tensor read by several layers gets the sum of their contributions)."""
-    _input_relevances = True
+    if cls not in _PROBES:
+        _PROBES[cls] = type(f"_{cls.__name__}Probe", (cls,), {"_input_relevances": True})
+    return _PROBES[cls]
 
 
 def _confirm_relu_outputs(layers, rules):

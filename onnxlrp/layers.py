@@ -108,13 +108,18 @@ def _fused_bias(node, emitter):
     return nxt if emitter.bias_fits(node, nxt) else None
 
 
-def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
+def build_layers(graph: gs.Graph, data_input: str, strict=True, gradient=False) -> list:
     """Number the data-carrying nodes of a canonized graph (``data_input`` names the tensor relevance is
     reported at). Raises UnsupportedModelError listing every unsupported node that relevance reaches (with
     strict=False they pass relevance through unchanged instead). Unsupported nodes that relevance never
     reaches (a gate's branch such as the Pow of a tanh-GELU or an RMSNorm's statistics, or nodes that feed
-    only other graph outputs) are not layers."""
+    only other graph outputs) are not layers.
+
+    ``gradient=True`` (the gradient analyzers): every floating-point data operand of a node is a layer
+    input, since the derivative flows into a gate's branch and a statistic's too, and a node whose emitter
+    cannot differentiate it is unsupported."""
     graph.toposort()
+    strict = strict or gradient  # an op passed through unchanged would give a wrong derivative silently
     data = data_tensors(graph, data_input)
 
     def is_data(t):
@@ -137,6 +142,9 @@ def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
                 nodes.append(bias)
                 absorbed.add(id(bias))
             idx = emitter.data_input_indices(node, is_data)
+            if gradient:
+                idx = [i for i, t in enumerate(node.inputs) if is_data(t) and _is_float_tensor(t)
+                       and (i in idx or not _index_input(node, i))]
         else:
             idx = [i for i, t in enumerate(node.inputs) if is_data(t)]
         candidates.append((nodes, emitter, reason, idx))
@@ -166,6 +174,9 @@ def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
                       group=emitter.group, nodes=nodes, inputs=[node.inputs[i] for i in idx],
                       outputs=list(nodes[-1].outputs), emitter=emitter)
         layer.params = emitter.params(layer)
+        if gradient and not reason and emitter.gradient_reason(layer):
+            unsupported.append((node.name, node.op, emitter.gradient_reason(layer)))
+            continue
         # The signal of a gate (the 0.5 x of a tanh-GELU) is inside a pattern onnxruntime fuses into one
         # kernel; its FastGeluFusion (1.31) drops the tensor even when the relevance pass reads it, so rules
         # compute their own copy of such an output instead of reusing it.
@@ -180,6 +191,16 @@ def build_layers(graph: gs.Graph, data_input: str, strict=True) -> list:
     if unsupported and strict:
         raise UnsupportedModelError(unsupported_message(unsupported), unsupported)
     return layers
+
+
+def _is_float_tensor(tensor) -> bool:
+    """Whether a derivative can flow into ``tensor`` (bool masks and integer indices take none)."""
+    return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
+
+
+def _index_input(node, i) -> bool:
+    """Operands that select rather than carry values (Where's condition, Gather's indices)."""
+    return (node.op == "Where" and i == 0) or (node.op in ("Gather", "GatherElements", "GatherND") and i == 1)
 
 
 def unsupported_message(unsupported) -> str:

@@ -207,7 +207,8 @@ def _select_outputs(ctx, y, selection, position):
 
 
 def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_relevances=False,
-                         concept_layer=None, explained=None, sequence_output=False, input_relevances=False):
+                         concept_layer=None, explained=None, sequence_output=False, input_relevances=False,
+                         times_input=False):
     """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place).
 
     ``explained`` names the tensor whose relevance is the output (default: the data input; for token
@@ -217,6 +218,7 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     also an output (``concept_relevance``) and is multiplied by the input ``concept_mask`` (N, features)
     before it goes on. With ``input_relevances`` each layer's contribution to each of its inputs is an output
     too (``relevance_in_<layer>_<input>``), which tells which consumer of a shared tensor created relevance.
+    With ``times_input`` the result is multiplied by the explained tensor (gradient x input).
     """
     x_in = next(t for t in graph.inputs if t.name == data_input)
     x = x_in if explained in (None, data_input) else graph.tensors()[explained]
@@ -274,6 +276,8 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     r_x = b.add_all(relevance.get(x.name, []))
     if r_x is None:  # no path from the output to the input
         r_x = b.op("Mul", [x, b.const(np.asarray(0, dtype=dtype))])
+    elif times_input:
+        r_x = b.op("Mul", [r_x, x])
     # an output_selection out of range (not -1) explains nothing: NaN, never a plausible all-zero map
     refused = b.op("Equal", [selection_used, b.i64(-1)])
     rank = len(ctx.shape(x))

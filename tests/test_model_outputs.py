@@ -174,3 +174,31 @@ def test_forward_overflow_names_the_first_layer_that_overflows():
                                                 r"\(Gemm\) is the first layer whose output is not\)"):
         expl = analyzer.analyze(x)
     assert expl.extras["nonfinite"]["samples"] == [0]
+
+
+def test_cli_explain_names_the_layer_of_a_nonfinite_result_and_picks_the_output(tmp_path, capsys):
+    path = tmp_path / "overflow.onnx"
+    onnx.save(_overflowing_relevance_model(), path)
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    np.save(good, np.array([1.5, 1.0], np.float32))
+    np.save(bad, np.array([1.0, 1.0], np.float32))
+    code = main(["explain", str(path), str(good), str(bad), "--out", str(tmp_path / "o"), "--json", "-q"],
+                standalone_mode=False)
+    assert code == 1
+    captured = capsys.readouterr()
+    rows = {r["name"]: r for r in __import__("json").loads(captured.out)["results"]}
+    assert rows["good"]["status"] == "ok"
+    assert rows["bad"]["status"] == "error"
+    assert "layer 2" in rows["bad"]["error"] and "(Gemm) under EpsilonRule(epsilon=1e-06) is the first to produce it" in rows["bad"]["error"]
+    assert "Warning" not in captured.err and "LRPWarning" not in captured.err  # said in the row, once
+    assert not (tmp_path / "o" / "bad_heatmap.png").exists()
+
+    two = tmp_path / "two.onnx"
+    onnx.save(_two_outputs(), two)
+    x = tmp_path / "x.npy"
+    np.save(x, RNG.standard_normal(4).astype(np.float32))
+    assert main(["explain", str(two), str(x), "--out", str(tmp_path / "t"), "--json", "--output-name", "logits"],
+                standalone_mode=False) == 0
+    captured = capsys.readouterr()
+    assert "explaining output 'logits' of 2" in captured.err
+    assert __import__("json").loads(captured.out)["results"][0]["explained"] in (0, 1)

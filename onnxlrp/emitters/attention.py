@@ -35,6 +35,12 @@ class ProductEmitter(Emitter):
     def operand_grads(self, ctx, layer, s, wanted):
         raise NotImplementedError
 
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        return self.operand_grads(ctx, layer, grads_out[0], [True] * len(layer.inputs))
+
     def comes_from_softmax(self, layer, i):
         """Whether operand ``i`` is a softmax's output (through reshapes, transposes, masks)."""
         tensor = layer.node.inputs[i]
@@ -164,6 +170,16 @@ class SoftmaxEmitter(Emitter):
         finite_x = b.op("Where", [b.op("IsInf", [x]), b.const(np.asarray(0, b.dtype)), x])
         return [b.op("Mul", [finite_x, inner])]
 
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        """s ⊙ (g - Σ_j g_j s_j) over the softmax axis."""
+        b, s, g = ctx.b, layer.outputs[0], grads_out[0]
+        axis = layer.node.attrs.get("axis", -1) % len(ctx.shape(s))
+        total = b.op("ReduceSum", [b.op("Mul", [g, s]), b.i64([axis])], attrs={"keepdims": 1})
+        return [b.op("Mul", [s, b.op("Sub", [g, total])])]
+
 
 @register
 class WhereEmitter(Emitter):
@@ -188,6 +204,12 @@ class WhereEmitter(Emitter):
             result.append(unbroadcast(ctx, selected, out_shape, ctx.shape(node.inputs[i])))
         return result
 
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        return self.pass_through(ctx, layer, grads_out)  # the selected operand's derivative is 1, the other's 0
+
 
 class RuntimeScaleEmitter(Emitter):
     """x * m or x / m with m computed from another graph input (a float attention mask): linear in x with
@@ -206,3 +228,13 @@ class RuntimeScaleEmitter(Emitter):
 
     def pass_through(self, ctx, layer, relevance_out):
         return [unbroadcast(ctx, relevance_out[0], ctx.shape(layer.outputs[0]), ctx.shape(layer.inputs[0]))]
+
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        """g * m or g / m for x * m, x / m (m, from another input, is held)."""
+        node, b = layer.node, ctx.b
+        i = next(k for k, t in enumerate(node.inputs) if t is layer.inputs[0])
+        g = b.op(node.op if node.op == "Div" else "Mul", [grads_out[0], node.inputs[1 - i]])
+        return [unbroadcast(ctx, g, ctx.shape(layer.outputs[0]), ctx.shape(layer.inputs[0]))]

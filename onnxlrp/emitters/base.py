@@ -4,7 +4,9 @@ An emitter knows, for one ONNX op family, how a layer of that op
 - exposes its parameters to rules (``params``),
 - is evaluated again under modified inputs/parameters (``forward``),
 - maps an output cotangent back onto its inputs (``backward``: the transpose of its linear map),
-- passes relevance through unchanged (``pass_through``, for PassRule).
+- passes relevance through unchanged (``pass_through``, for PassRule),
+- maps an output cotangent through its true derivative (``vjp``, for the gradient analyzers): a linear
+  layer's ``backward`` with its own parameters unless the emitter overrides it.
 
 To support a new op, write an emitter and decorate it with ``@register``; nothing else changes.
 """
@@ -63,6 +65,17 @@ class Emitter:
     def pass_through(self, ctx, layer, relevance_out):
         """Default: elementwise layers pass relevance through as it is."""
         return [relevance_out[0]] + [None] * (len(layer.inputs) - 1)
+
+    def gradient_reason(self, layer) -> str | None:
+        """Why ``vjp`` cannot differentiate this layer (None when it can)."""
+        return None if self.linear else "no gradient (vector-Jacobian product) for this op yet"
+
+    def vjp(self, ctx, layer, grads_out):
+        """The vector-Jacobian product: output cotangents (one per output, None where none arrives) mapped
+        onto ``layer.inputs`` through the layer's true derivative. Linear layers: their transpose."""
+        if not self.linear:
+            raise NotImplementedError(f"{type(self).__name__} has no vector-Jacobian product for {layer.op_type}")
+        return self.backward(ctx, layer, grads_out[0], layer.params)
 
 
 class WeightBiasEmitter(Emitter):

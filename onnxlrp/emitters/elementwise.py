@@ -16,9 +16,15 @@ ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "
                "LRN", "Relu6")
 
 
+#: Elementwise powers, treated as activations (relevance passes through them, LXT's identity rule): they
+#: sit in the branches of gates and statistics (the x^3 of a tanh-GELU, an RMSNorm's rsqrt), where the
+#: relevance pass never goes but the gradient does.
+POWERS = ("Pow", "Sqrt", "Reciprocal")
+
+
 @register
 class ActivationEmitter(Emitter):
-    op_types = tuple(a for a in ACTIVATIONS if a != "LRN")
+    op_types = tuple(a for a in ACTIVATIONS if a != "LRN") + POWERS
     group = "ActivationLayer"
     linear = False
 
@@ -28,7 +34,138 @@ class ActivationEmitter(Emitter):
     def unsupported_reason(self, node, is_data):
         if not is_data(node.inputs[0]):
             return "the data input is not the first input"
+        if node.op == "Pow" and const_value(node.inputs[1]) is None:
+            return "the exponent is not a constant"
         return None
+
+    def gradient_reason(self, layer):
+        if layer.op_type not in _DERIVATIVES:
+            return "no gradient (vector-Jacobian product) for this op yet"
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        """g times the activation's derivative at x (of y = f(x))."""
+        derivative = _DERIVATIVES[layer.op_type](_Ops(ctx.b), layer.node, layer.inputs[0], layer.outputs[0])
+        g = grads_out[0]
+        return [g if derivative is None else ctx.b.op("Mul", [g, derivative])] + [None] * (len(layer.inputs) - 1)
+
+
+class _Ops:
+    """Short names for building a derivative: constants in the graph's float type, ops by name."""
+
+    def __init__(self, b):
+        self.b = b
+
+    def c(self, value):
+        return self.b.const(np.asarray(value, dtype=self.b.dtype))
+
+    def __getattr__(self, op):  # ops.Mul(a, b) -> a Mul node
+        return lambda *inputs, **attrs: self.b.op(op, list(inputs), attrs=attrs or None)
+
+    def where(self, cond, a, b):
+        return self.b.op("Where", [cond, a, b])
+
+    def mask(self, cond):
+        return self.b.op("Cast", [cond], attrs={"to": self.b.onnx_dtype})
+
+
+def _clip_bounds(node):
+    def bound(index, attr):
+        if len(node.inputs) > index and node.inputs[index].name:
+            value = const_value(node.inputs[index])
+            return None if value is None else float(value)
+        return node.attrs.get(attr)
+    return bound(1, "min"), bound(2, "max")
+
+
+def _d_clip(o, node, x, y, bounds=None):
+    low, high = bounds or _clip_bounds(node)
+    inside = None
+    for limit, op in ((low, "Greater"), (high, "Less")):
+        if limit is not None:
+            test = o.b.op(op, [x, o.c(limit)])
+            inside = test if inside is None else o.And(inside, test)
+    return None if inside is None else o.mask(inside)
+
+
+def _d_gelu(o, node, x, y):
+    if node.attrs.get("approximate", "none") in ("tanh", b"tanh"):
+        # y = x/2 (1 + tanh(u)), u = k (x + 0.044715 x^3): y' = (1 + t)/2 + x/2 (1 - t^2) k (1 + 3 0.044715 x^2)
+        k = np.sqrt(2 / np.pi)
+        x2 = o.Mul(x, x)
+        t = o.Tanh(o.Mul(o.Mul(x, o.Add(o.c(1.0), o.Mul(o.c(0.044715), x2))), o.c(k)))
+        du = o.Mul(o.c(k), o.Add(o.c(1.0), o.Mul(o.c(3 * 0.044715), x2)))
+        return o.Add(o.Mul(o.c(0.5), o.Add(o.c(1.0), t)),
+                     o.Mul(o.Mul(o.Mul(o.c(0.5), x), o.Sub(o.c(1.0), o.Mul(t, t))), du))
+    # y = x Phi(x): y' = Phi(x) + x phi(x)
+    cdf = o.Mul(o.c(0.5), o.Add(o.c(1.0), o.Erf(o.Mul(x, o.c(1 / np.sqrt(2))))))
+    pdf = o.Mul(o.c(1 / np.sqrt(2 * np.pi)), o.Exp(o.Mul(o.c(-0.5), o.Mul(x, x))))
+    return o.Add(cdf, o.Mul(x, pdf))
+
+
+def _d_mish(o, node, x, y):
+    # y = x tanh(softplus(x)): y' = tanh(sp) + x (1 - tanh(sp)^2) sigmoid(x)
+    t = o.Tanh(o.Softplus(x))
+    return o.Add(t, o.Mul(o.Mul(x, o.Sub(o.c(1.0), o.Mul(t, t))), o.Sigmoid(x)))
+
+
+def _d_swish(o, node, x, y):
+    alpha = node.attrs.get("alpha", 1.0)  # y = x sigmoid(alpha x): y' = s + alpha x s (1 - s)
+    s = o.Sigmoid(o.Mul(x, o.c(alpha)))
+    return o.Add(s, o.Mul(o.Mul(o.Mul(x, o.c(alpha)), s), o.Sub(o.c(1.0), s)))
+
+
+def _d_hardswish(o, node, x, y):
+    # y = x min(max(x/6 + 1/2, 0), 1): y' = 0 below -3, 1 above 3, (2x + 3)/6 between
+    inner = o.Add(o.Mul(x, o.c(1 / 3)), o.c(0.5))
+    return o.where(o.Less(x, o.c(-3.0)), o.c(0.0), o.where(o.Greater(x, o.c(3.0)), o.c(1.0), inner))
+
+
+def _d_hardsigmoid(o, node, x, y):
+    alpha, beta = node.attrs.get("alpha", 0.2), node.attrs.get("beta", 0.5)
+    z = o.Add(o.Mul(x, o.c(alpha)), o.c(beta))
+    return o.Mul(o.mask(o.And(o.Greater(z, o.c(0.0)), o.Less(z, o.c(1.0)))), o.c(alpha))
+
+
+#: op type -> (ops, node, x, y) -> dy/dx (None: 1). Kinks take the derivative of the side that
+#: onnxruntime's output is computed on for x > 0 (ReLU'(0) = 0, as torch and TensorFlow have it).
+_DERIVATIVES = {
+    "Relu": lambda o, n, x, y: o.mask(o.Greater(x, o.c(0.0))),
+    "LeakyRelu": lambda o, n, x, y: o.where(o.Greater(x, o.c(0.0)), o.c(1.0), o.c(n.attrs.get("alpha", 0.01))),
+    "PRelu": lambda o, n, x, y: o.where(o.Greater(x, o.c(0.0)), o.c(1.0), n.inputs[1]),
+    "ThresholdedRelu": lambda o, n, x, y: o.mask(o.Greater(x, o.c(n.attrs.get("alpha", 1.0)))),
+    "Clip": _d_clip,
+    "Relu6": lambda o, n, x, y: _d_clip(o, n, x, y, (0.0, 6.0)),
+    "Sigmoid": lambda o, n, x, y: o.Mul(y, o.Sub(o.c(1.0), y)),
+    "Tanh": lambda o, n, x, y: o.Sub(o.c(1.0), o.Mul(y, y)),
+    "Elu": lambda o, n, x, y: o.where(o.Greater(x, o.c(0.0)), o.c(1.0), o.Add(y, o.c(n.attrs.get("alpha", 1.0)))),
+    "Selu": lambda o, n, x, y: o.where(
+        o.Greater(x, o.c(0.0)), o.c(n.attrs.get("gamma", 1.05070102214813232421875)),
+        o.Add(y, o.c(n.attrs.get("alpha", 1.67326319217681884765625) * n.attrs.get("gamma", 1.05070102214813232421875)))),
+    "Celu": lambda o, n, x, y: o.where(o.Greater(x, o.c(0.0)), o.c(1.0),
+                                       o.Add(o.Div(y, o.c(n.attrs.get("alpha", 1.0))), o.c(1.0))),
+    "Softplus": lambda o, n, x, y: o.Sigmoid(x),
+    "Softsign": lambda o, n, x, y: o.Reciprocal(o.Mul(o.Add(o.c(1.0), o.Abs(x)), o.Add(o.c(1.0), o.Abs(x)))),
+    "HardSigmoid": _d_hardsigmoid,
+    "HardSwish": _d_hardswish,
+    "Gelu": _d_gelu,
+    "Erf": lambda o, n, x, y: o.Mul(o.c(2 / np.sqrt(np.pi)), o.Exp(o.Neg(o.Mul(x, x)))),
+    "Mish": _d_mish,
+    "Swish": _d_swish,
+    "Sum": lambda o, n, x, y: None,  # a Sum of one tensor
+    "Pow": lambda o, n, x, y: _d_pow(o, n, x),
+    "Sqrt": lambda o, n, x, y: o.Div(o.c(0.5), y),
+    "Reciprocal": lambda o, n, x, y: o.Neg(o.Mul(y, y)),
+}
+
+
+def _d_pow(o, node, x):
+    p = np.asarray(const_value(node.inputs[1]), dtype=np.float64)
+    if np.all(p == 1):
+        return None
+    if np.all(p == 2):
+        return o.Mul(x, o.c(2.0))
+    return o.Mul(o.c(p), o.Pow(x, o.c(p - 1)))
 
 
 @register
@@ -36,6 +173,34 @@ class LRNEmitter(ActivationEmitter):
     """Local response normalization: shape-preserving, relevance passes through."""
     op_types = ("LRN",)
     group = "NormalizationLayer"
+
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        """y = x d^-beta, d = bias + alpha/size * (window sum over channels of x^2):
+        dx = g d^-beta - (2 alpha beta / size) x * (transposed window sum of g x d^(-beta - 1))."""
+        o, node = _Ops(ctx.b), layer.node
+        x, g = layer.inputs[0], grads_out[0]
+        size = int(node.attrs["size"])
+        alpha, beta, bias = node.attrs.get("alpha", 1e-4), node.attrs.get("beta", 0.75), node.attrs.get("bias", 1.0)
+        lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2  # the channels before and after c in c's window
+        d = o.Add(o.c(bias), o.Mul(o.c(alpha / size), _channel_window_sum(ctx, o.Mul(x, x), x, lo, hi)))
+        u = o.Mul(o.Mul(g, x), o.Pow(d, o.c(-beta - 1.0)))
+        back = _channel_window_sum(ctx, u, x, hi, lo)  # the transpose: the window mirrored
+        return [o.Sub(o.Mul(g, o.Pow(d, o.c(-beta))), o.Mul(o.Mul(x, back), o.c(2 * alpha * beta / size)))]
+
+
+def _channel_window_sum(ctx, var, like, before, after):
+    """Sum over channels c - before .. c + after (clipped at the edges) of a (N, C, ...) tensor: a Conv of
+    ones over the channel axis of (N, 1, C, rest)."""
+    b = ctx.b
+    shape = ctx.shape(like)
+    rest = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    flat = b.op("Reshape", [var, b.i64([0, 1, shape[1], rest])])
+    ones = b.const(np.ones((1, 1, before + after + 1, 1), dtype=b.dtype))
+    summed = b.op("Conv", [flat, ones], attrs={"pads": [before, 0, after, 0]})
+    return ctx.reshape_like(summed, like, like)
 
 
 class PassFallbackEmitter(ActivationEmitter):
@@ -216,6 +381,26 @@ class GateEmitter(ActivationEmitter):
 
     def data_input_indices(self, node, is_data):
         return [gate_signal(node)]
+
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        """The product (or quotient) rule on every operand that is an input of the layer: in a gradient
+        analyzer the gate f(x) is one too, so its own branch gets its share and adds up at x."""
+        b, node, g = ctx.b, layer.node, grads_out[0]
+        out_shape = ctx.shape(layer.outputs[0])
+        a, c = node.inputs
+        grads = []
+        for t in layer.inputs:
+            if node.op == "Mul":
+                d = b.op("Mul", [g, c if t is a else a])
+            elif t is a:  # a / c
+                d = b.op("Div", [g, c])
+            else:  # -g a / c^2
+                d = b.op("Neg", [b.op("Div", [b.op("Mul", [g, a]), b.op("Mul", [c, c])])])
+            grads.append(unbroadcast(ctx, d, out_shape, ctx.shape(t)))
+        return grads
 
 
 _MERGE, _SCALE, _GATE, _IDENTITY = MergeEmitter(), ScaleEmitter(), GateEmitter(), ActivationEmitter()

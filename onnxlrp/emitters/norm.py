@@ -72,3 +72,23 @@ class LayerNormEmitter(Emitter):
         centered = ctx.sym(b.op("Sub", [x, mean(x)]), x)
         s = b.op("Div", [relevance_out[0], stabilize(centered, epsilon).var])
         return [b.op("Mul", [x, b.op("Sub", [s, mean(s)])])]
+
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        """y = (x - mean) / std: dx = (g - mean(g) - y mean(g y)) / std, std = sqrt(var + epsilon)."""
+        b = ctx.b
+        x, y, g = layer.inputs[0], layer.outputs[0], grads_out[0]
+        axes = self.axes(ctx, layer)
+        inv = b.const(np.asarray(1.0 / float(np.prod([ctx.shape(x)[a] for a in axes])), dtype=b.dtype))
+
+        def mean(v):
+            return b.op("Mul", [b.op("ReduceSum", [v, b.i64(axes)], attrs={"keepdims": 1}), inv])
+
+        centered = b.op("Sub", [x, mean(x)])
+        var = mean(b.op("Mul", [centered, centered]))
+        eps = b.const(np.asarray(layer.node.attrs.get("epsilon", 1e-5), dtype=b.dtype))
+        std = b.op("Sqrt", [b.op("Add", [var, eps])])
+        inner = b.op("Sub", [b.op("Sub", [g, mean(g)]), b.op("Mul", [y, mean(b.op("Mul", [g, y]))])])
+        return [b.op("Div", [inner, std])]

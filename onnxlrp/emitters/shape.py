@@ -20,6 +20,14 @@ class ReshapingEmitter(Emitter):
             return "the data input is not the first input"
         return None
 
+    def gradient_reason(self, layer):
+        return None
+
+    def vjp(self, ctx, layer, grads_out):
+        # reshapes, transposes, slices, pads, copies and gathers move values without changing them: the
+        # relevance pass-through is their transpose already
+        return self.pass_through(ctx, layer, grads_out)
+
 
 @register
 class ReshapeEmitter(ReshapingEmitter):
