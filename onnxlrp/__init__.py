@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 #: public name -> the submodule that defines it
 _EXPORTS = {
     "analyzer": ["LRP", "analyze"],
+    "auditing": ["AuditReport", "audit"],
     "api": ["LRP_CONFIG", "canonize", "flatten_model", "lrp_rules", "show_layer_indices", "strip_softmax"],
     "composite": ["AttnLRP", "CPLRP", "Composite", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox",
                   "EpsilonPlus", "EpsilonPlusFlat", "FirstLayerMap", "FirstLayerTypeMap", "FirstNTypeMap", "GlobalMap",
@@ -32,7 +33,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 #: submodules reachable as attributes (``onnxlrp.images.load_image``) without importing them first
-_SUBMODULES = ("analyzer", "api", "canonization", "cli", "composite", "crp", "emitters", "errors", "explanation", "files", "gradients",
+_SUBMODULES = ("analyzer", "api", "auditing", "canonization", "cli", "composite", "crp", "emitters", "errors", "explanation", "files", "gradients",
                "heatmaps", "images", "layers", "loading", "precision", "rewriter", "rules", "runtime")
 
 __all__ = sorted(_WHERE) + ["images"]

@@ -349,9 +349,10 @@ class LRP:
         layer_keys = [k for k in names if k.startswith("relevance_layer_")]
         if layer_keys:
             extras["layerwise_relevances"] = {int(k.rsplit("_", 1)[1]): results[k] for k in layer_keys}
-        input_keys = [k for k in names if k.startswith("relevance_in_")]
-        if input_keys:
-            extras["input_relevances"] = {tuple(int(p) for p in k.split("_")[2:]): results[k] for k in input_keys}
+        for prefix, key in (("relevance_in_", "input_relevances"), ("relevance_out_", "output_relevances")):
+            keys = [k for k in names if k.startswith(prefix)]
+            if keys:
+                extras[key] = {tuple(int(p) for p in k.split("_")[2:]): results[k] for k in keys}
         selection = results[SELECTION_USED]
         if self.sequence_output:
             per_step = int(np.prod(self._out_shapes[feature_shape][2:]))
@@ -379,6 +380,9 @@ class LRP:
         if not bad.size:
             return True
         first = int(bad[0])
+        if self._input_relevances:  # a probe says nothing about itself (it would build a probe of its own)
+            expl.extras["nonfinite"] = {"samples": bad.tolist(), "first": first, "reason": "not finite"}
+            return False
         reason = (self._overflow_reason(feeds, first) if not out_ok[first]
                   else self._nonfinite_relevance_reason(x, feeds, first))
         if not self._nonfinite_warned:
@@ -468,7 +472,7 @@ class LRP:
                       f"{total[bad[0]]:.3g} for a seed of {seed[bad[0]]:.3g}); {why}", LRPWarning, stacklevel=3)
 
     def _probe(self, x, feeds, index):
-        """For sample ``index``: ({layer: sum |R| at its output}, {layer: sum |R| it passes to its inputs}),
+        """For sample ``index``: ({layer: sum |R| at its outputs}, {layer: sum |R| it passes to its inputs}),
         from a twin relevance graph that returns every layer's relevance per input; None if that fails."""
         try:
             probe = self._diagnosis.get("probe")
@@ -488,7 +492,9 @@ class LRP:
             expl = probe.analyze(x, None if sel[0] < 0 else sel, inputs=inputs, **kw)
         except Exception:  # a diagnosis that fails says nothing
             return None
-        received = {i: float(np.abs(r).sum()) for i, r in expl.extras["layerwise_relevances"].items()}
+        received = {}
+        for (i, _), r in expl.extras.get("output_relevances", {}).items():
+            received[i] = received.get(i, 0.0) + float(np.abs(r).sum())
         passed = {}
         for (i, _), r in expl.extras["input_relevances"].items():
             passed[i] = passed.get(i, 0.0) + float(np.abs(r).sum())

@@ -134,6 +134,8 @@ def build_layers(graph: gs.Graph, data_input: str, strict=True, gradient=False) 
         emitter = EMITTERS.get(node.op)
         if emitter is not None and hasattr(emitter, "resolve"):
             emitter = emitter.resolve(node, is_data)
+        if emitter is not None and not gradient and node.op in getattr(emitter, "gradient_only", ()):
+            emitter = None  # differentiated by the gradient analyzers only
         reason = "no emitter for this op type" if emitter is None else emitter.unsupported_reason(node, is_data)
         nodes = [node]
         if not reason:

@@ -141,7 +141,7 @@ class EmitContext:
             for term in group.terms:
                 inputs = [term.input(x) for x in xs]
                 if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params) \
-                        and not layer.extra.get("interior"):
+                        and not (layer.extra.get("interior") or layer.extra.get("params_changed")):
                     z_term = z_orig  # reuse the forward pass's own pre-activation
                 else:
                     z_term = emitter.forward(self, layer, inputs, term.params)
@@ -217,7 +217,8 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     output is explained. With ``concept_layer`` (CRP), the relevance arriving at that layer's output is
     also an output (``concept_relevance``) and is multiplied by the input ``concept_mask`` (N, features)
     before it goes on. With ``input_relevances`` each layer's contribution to each of its inputs is an output
-    too (``relevance_in_<layer>_<input>``), which tells which consumer of a shared tensor created relevance.
+    too (``relevance_in_<layer>_<input>``), which tells which consumer of a shared tensor created relevance,
+    and so is the relevance reaching each of its outputs (``relevance_out_<layer>_<output>``).
     With ``times_input`` the result is multiplied by the explained tensor (gradient x input).
     """
     x_in = next(t for t in graph.inputs if t.name == data_input)
@@ -254,13 +255,15 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     concept = None
     relevance = defaultdict(list)
     relevance[y.name].append(seed)
-    per_layer, per_input = {}, {}
+    per_layer, per_input, per_output = {}, {}, {}
     for layer, rule in zip(reversed(layers), reversed(rules)):
         r_out = [b.add_all(relevance.get(t.name, [])) for t in layer.outputs]
         if all(r is None for r in r_out):
             continue
-        if layer_relevances:
+        if layer_relevances and r_out[0] is not None:
             per_layer[layer.index] = r_out[0]
+        if input_relevances:  # every output's, for layers with several (a Split's q, k, v)
+            per_output.update({(layer.index, k): r for k, r in enumerate(r_out) if r is not None})
         if layer.index == concept_layer:
             concept = r_out[0]
             rank = len(ctx.shape(layer.outputs[0]))
@@ -297,6 +300,7 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
         outputs.append(named_output(CONCEPT_RELEVANCE, concept))
     outputs += [named_output(f"relevance_layer_{index}", per_layer[index]) for index in sorted(per_layer)]
     outputs += [named_output(f"relevance_in_{i}_{k}", per_input[i, k]) for i, k in sorted(per_input)]
+    outputs += [named_output(f"relevance_out_{i}_{k}", per_output[i, k]) for i, k in sorted(per_output)]
 
     graph.inputs = [x_in] + [t for t in graph.inputs if t is not x_in and isinstance(t, gs.Variable)] + \
         [selection, normalize] + ([position] if position is not None else [])

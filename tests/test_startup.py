@@ -14,7 +14,7 @@ def _run(code):
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["explain", "--help"], ["export", "--help"],
-                                  ["check", "--help"], ["rules", "--help"], ["layers", "--help"]])
+                                  ["check", "--help"], ["audit", "--help"], ["rules", "--help"], ["layers", "--help"]])
 def test_help_and_version_need_no_heavy_import(argv):
     done = _run(f"from onnxlrp.cli import main\nraise SystemExit(main({argv!r}))")
     assert done.returncode == 0, done.stderr
@@ -41,4 +41,6 @@ def test_function_names_are_not_shadowed_by_submodules():
     """Importing the analyzer imports the canonization module; onnxlrp.canonize stays the function."""
     import onnxlrp
     onnxlrp.LRP
+    import onnxlrp.auditing  # noqa: F401  (the module behind onnxlrp.audit)
     assert callable(onnxlrp.canonize) and callable(onnxlrp.heatmap) and callable(onnxlrp.analyze)
+    assert callable(onnxlrp.audit)

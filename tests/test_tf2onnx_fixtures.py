@@ -10,6 +10,7 @@ gradient x input of the top logit.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -81,7 +82,12 @@ def _slow_for_nasnet(models):
     return [pytest.param(m, marks=pytest.mark.slow) if m == "nasnetmobile" else m for m in models]
 
 
-@pytest.mark.parametrize("model", _slow_for_nasnet(IDENTITY))
+#: NASNet in float64 takes over a minute on the 2-core machine (356 lowered convolutions): it runs with
+#: ONNXLRP_HEAVY_TESTS=1 (it passes), to keep the suite within its time.
+HEAVY = pytest.mark.skipif(not os.environ.get("ONNXLRP_HEAVY_TESTS"), reason="a minute: set ONNXLRP_HEAVY_TESTS=1")
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=HEAVY) if m == "nasnetmobile" else m for m in IDENTITY])
 def test_lrp0_in_float64(model):
     """In double, LRP-0 equals TensorFlow's float64 gradient x input to ~1e-15 where the ONNX file holds
     TensorFlow's weights exactly (the nets without BatchNorm). tf2onnx keeps a BatchNorm with its epsilon

@@ -79,7 +79,7 @@ class LRPGroup(click.Group):
             raise CLIError(one_line(exc)) from None
 
     def list_commands(self, ctx):
-        order = ["explain", "check", "layers", "rules", "export"]
+        order = ["explain", "check", "audit", "layers", "rules", "export"]
         return [c for c in order if c in self.commands] + sorted(c for c in self.commands if c not in order)
 
 
@@ -522,3 +522,4 @@ def export(model, output, input_shape, force, quiet, output_name, precision, ski
 
 
 from . import explain as _explain  # noqa: E402,F401  (registers the explain command)
+from . import audit as _audit  # noqa: E402,F401  (registers the audit command)

@@ -16,9 +16,9 @@ ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "
                "LRN", "Relu6")
 
 
-#: Elementwise powers, treated as activations (relevance passes through them, LXT's identity rule): they
-#: sit in the branches of gates and statistics (the x^3 of a tanh-GELU, an RMSNorm's rsqrt), where the
-#: relevance pass never goes but the gradient does.
+#: Elementwise powers, for the gradient analyzers only: they sit in the branches of gates and statistics
+#: (the x^3 of a tanh-GELU, an RMSNorm's rsqrt), where the relevance pass never goes but the gradient does.
+#: For LRP they stay unsupported (no layers, so the layer indices of such models do not move).
 POWERS = ("Pow", "Sqrt", "Reciprocal")
 
 
@@ -27,6 +27,7 @@ class ActivationEmitter(Emitter):
     op_types = tuple(a for a in ACTIVATIONS if a != "LRN") + POWERS
     group = "ActivationLayer"
     linear = False
+    gradient_only = POWERS
 
     def data_input_indices(self, node, is_data):
         return [0] if is_data(node.inputs[0]) else []

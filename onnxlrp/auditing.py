@@ -1,0 +1,540 @@
+"""``onnxlrp audit``: the checks a CI pipeline runs on every export, each a named pass/fail with figures.
+
+- coverage      every node has an emitter and a rule (what ``check`` says), else the nodes that have none
+- forward       the relevance graph's ``output`` against the original file run by plain onnxruntime (its
+                pre-softmax tensor where onnxlrp strips an output softmax): max abs and relative error
+- conservation  per layer, the relevance passed to the inputs against what reaches the output; with every
+                rule made exactly conservative (the layer's bias zeroed, a built-in epsilon set to 0, as LXT's
+                conservation check does) any layer that loses or creates relevance is a node handled wrong
+                (or a rule that is not conservative): the first one from the output is named. The rules' own
+                absorption (biases, stabilizers) is reported per layer
+- identity      on piecewise-linear graphs, LRP-0 seeded with the output's value against the emitted
+                gradient graph's gradient x input (onnxlrp.gradients): no framework needed
+- health        NaN/Inf (the layer where it starts), sum |R| against the seed (above ``explosion`` x is an
+                explosion: the layer that multiplies most), the share of exactly-zero relevance
+- precision     the composite in float64 against float32: rounding told apart from rule effects
+
+Thresholds have defaults (DEFAULT_THRESHOLDS) and can be set per check. Inputs: an array, or seeded
+synthetic ones of the declared shape (standard normal; token ids uniform over the vocabulary).
+Faithfulness curves, baselines and export comparison are not here yet (issue 10).
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError, LRPWarning, UnsupportedModelError
+
+CHECKS = ("coverage", "forward", "conservation", "identity", "health", "precision")
+
+DEFAULT_THRESHOLDS = {
+    "forward_rtol": 1e-4,        # max |ours - onnxruntime's| / max |onnxruntime's|, float32
+    "conservation_tol": 1e-3,    # |sum R_in - sum R_out| / sum |R_out| per layer, conservative twin
+    "identity_rtol": 1e-3,       # per-sample relative L2 of LRP-0 vs gradient x input (float32 kinks)
+    "explosion": 1e3,            # sum |R| above this many times the seed
+    "precision_rtol": 1e-2,      # per-sample relative L2 of float32 vs float64 relevance
+}
+
+#: Ops on which LRP-0 (PassRule on activations) equals gradient x input: ReLU-like kinks and linear maps.
+#: A Clip with an upper bound saturates (its gradient is 0 where LRP passes relevance on): not here.
+_PIECEWISE_LINEAR_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu")
+_LINEAR_GROUPS = ("ConvLayer", "DenseLayer", "PoolingLayer", "ReshapingLayer", "DropoutLayer", "MergeLayer",
+                  "ScaleLayer")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str                    # "pass", "fail" or "skip"
+    summary: str                   # one line: what was measured, or why it failed or was skipped
+    figures: dict = field(default_factory=dict)
+    layer: str | None = None       # the layer a failure points at
+    seconds: float = 0.0
+
+
+@dataclass
+class AuditReport:
+    model: str
+    rules: str
+    inputs: str
+    checks: list
+    fail_on: tuple = CHECKS
+
+    @property
+    def failed(self):
+        return [c for c in self.checks if c.status == "fail" and c.name in self.fail_on]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def check(self, name) -> CheckResult:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_dict(self):
+        return {"model": self.model, "rules": self.rules, "inputs": self.inputs, "passed": self.passed,
+                "fail_on": list(self.fail_on),
+                "checks": [{"name": c.name, "status": c.status, "gating": c.name in self.fail_on,
+                            "summary": c.summary, "layer": c.layer, "figures": _jsonable(c.figures),
+                            "seconds": round(c.seconds, 3)} for c in self.checks]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def to_junit(self) -> str:
+        """JUnit XML: one testcase per check (failed checks that do not gate are reported as skipped)."""
+        import xml.etree.ElementTree as ET
+        failures = sum(1 for c in self.checks if c.status == "fail" and c.name in self.fail_on)
+        skipped = sum(1 for c in self.checks if c.status == "skip" or (c.status == "fail" and c.name not in self.fail_on))
+        suite = ET.Element("testsuite", name="onnxlrp audit", tests=str(len(self.checks)), failures=str(failures),
+                           errors="0", skipped=str(skipped), time=f"{sum(c.seconds for c in self.checks):.3f}")
+        props = ET.SubElement(suite, "properties")
+        for key in ("model", "rules", "inputs"):
+            ET.SubElement(props, "property", name=key, value=str(getattr(self, key)))
+        for c in self.checks:
+            case = ET.SubElement(suite, "testcase", classname=f"onnxlrp.audit.{_stem(self.model)}", name=c.name,
+                                 time=f"{c.seconds:.3f}")
+            detail = json.dumps(_jsonable(c.figures), indent=1, allow_nan=False)
+            if c.status == "fail" and c.name in self.fail_on:
+                ET.SubElement(case, "failure", message=c.summary, type="AuditFailure").text = detail
+            elif c.status != "pass":
+                ET.SubElement(case, "skipped", message=c.summary)
+            ET.SubElement(case, "system-out").text = detail
+        return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+
+    def table(self) -> str:
+        lines = [f"# audit of {self.model}: {self.rules}; inputs: {self.inputs}"]
+        width = max(len(c.name) for c in self.checks)
+        for c in self.checks:
+            status = c.status.upper() if c.name in self.fail_on or c.status != "fail" else "fail (not gating)"
+            lines.append(f"{c.name:<{width}}  {status:<5}  {c.summary}")
+        lines.append("audit passed" if self.passed else
+                     f"audit failed: {', '.join(c.name for c in self.failed)}")
+        return "\n".join(lines)
+
+
+def _stem(path):
+    import os
+    return os.path.splitext(os.path.basename(str(path)))[0].replace(".", "_") or "model"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def _rel_l2(a, b):
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    return np.sqrt(((a - b) ** 2).sum(1)) / np.maximum(np.sqrt((b ** 2).sum(1)), 1e-300)
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def synthetic_inputs(analyzer, samples=4, seed=0, feature_shape=None):
+    """Seeded inputs of the declared shape: standard normal floats, or token ids uniform over the
+    vocabulary (sequence length 8 where it is dynamic). ``feature_shape`` fills dynamic dims."""
+    rng = np.random.default_rng(seed)
+    declared = analyzer.input_shape
+    if feature_shape is not None:
+        dims = tuple(int(d) for d in feature_shape)
+    elif declared is not None and all(isinstance(d, int) for d in declared[1:]):
+        dims = tuple(declared[1:])
+    elif analyzer.token_input and declared is not None:
+        dims = tuple(d if isinstance(d, int) else 8 for d in declared[1:])
+    else:
+        raise InputError(f"{analyzer.source}: the input {declared} has dynamic dims besides the batch; give the "
+                         "dims after the batch axis (input_shape=..., CLI --input-shape) or inputs")
+    if analyzer.token_input:
+        return rng.integers(0, analyzer.vocab_size, size=(samples,) + dims).astype(analyzer.input_dtype)
+    return rng.standard_normal((samples,) + dims).astype(analyzer.input_dtype)
+
+
+# -- the checks -----------------------------------------------------------------------------------------------
+def _timed(fn):
+    def run(*args, **kw):
+        start = time.perf_counter()
+        result = fn(*args, **kw)
+        result.seconds = time.perf_counter() - start
+        return result
+    return run
+
+
+@_timed
+def _coverage(analyzer):
+    from collections import Counter
+    from .emitters.elementwise import FALLBACK_PASS
+    rules = Counter(type(r).__name__ for r in analyzer.rules)
+    figures = {"layers": len(analyzer.layers), "rules": dict(rules)}
+    passed_through = [f"{l.index} '{l.name}' ({l.op_type})" for l in analyzer.layers if l.emitter is FALLBACK_PASS]
+    if passed_through:
+        figures["passed_through"] = passed_through
+        return CheckResult("coverage", "fail", f"{len(passed_through)} node(s) have no emitter and pass relevance "
+                           f"through unchanged (skip_checks): {', '.join(passed_through[:5])}", figures,
+                           layer=passed_through[0])
+    return CheckResult("coverage", "pass", f"{len(analyzer.layers)} layers, each with an emitter and a rule", figures)
+
+
+def _original_outputs(model, output_name):
+    """The original file run by plain onnxruntime, with the tensor before an output softmax (which
+    onnxlrp strips) added as an output. Returns (run(x) -> array, what was compared)."""
+    import onnx
+    import onnxruntime as ort
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
+    outputs = [o.name for o in proto.graph.output]
+    name = output_name or outputs[0]
+    producers = {o: node for node in proto.graph.node for o in node.output}
+    target, node = name, producers.get(name)
+    while node is not None and node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+        node = producers.get(node.input[0])
+    what = f"output '{name}'"
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        target, what = node.input[0], f"'{node.input[0]}' (before the {node.op_type} onnxlrp strips)"
+        if target not in outputs:
+            proto = onnx.ModelProto.FromString(proto.SerializeToString())
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(target))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    data = session.get_inputs()
+
+    def run(feeds):
+        return session.run([target], {i.name: feeds[i.name] for i in data if i.name in feeds})[0]
+    return run, what
+
+
+@_timed
+def _forward(analyzer, model, feeds, expl, rtol):
+    try:
+        run, what = _original_outputs(model, analyzer.output_name)
+        theirs = np.asarray(run(feeds), np.float64)
+    except Exception as exc:  # noqa: BLE001 - an original that onnxruntime cannot run is reported
+        return CheckResult("forward", "skip", f"onnxruntime cannot run the original file: {str(exc).splitlines()[0]}")
+    ours = np.asarray(expl.output, np.float64)
+    if theirs.size != ours.size:
+        return CheckResult("forward", "fail", f"the relevance graph's output has {ours.size} values, the original "
+                           f"{what} {theirs.size}", {"ours": list(ours.shape), "original": list(theirs.shape)})
+    theirs = theirs.reshape(ours.shape)
+    abs_err = float(np.abs(ours - theirs).max())
+    rel_err = abs_err / max(float(np.abs(theirs).max()), 1e-30)
+    figures = {"compared": what, "max_abs_error": abs_err, "max_rel_error": rel_err, "rtol": rtol}
+    ok = rel_err <= rtol
+    return CheckResult("forward", "pass" if ok else "fail",
+                       f"max error {abs_err:.3g} ({rel_err:.3g} of the largest value; bound {rtol:g}) against "
+                       f"plain onnxruntime on {what}", figures)
+
+
+def _rule_base():
+    from .rules import Rule
+    return Rule
+
+
+class ConservativeRule(_rule_base()):
+    """A rule made exactly conservative, as LXT's conservation check does: the layer's bias set to zero
+    (the rule recomputes its pre-activation without it) and EpsilonRule made LRP-0, so that
+    sum R_in = sum R_out up to the 1e-9 division guard. A layer that still loses or creates relevance is
+    a node handled wrong, or a rule of the user's that is not conservative."""
+
+    def __init__(self, rule):
+        from .rules import AlphaBetaRule, EpsilonRule, ZeroRule, ZPlusRule
+        # epsilon 0 where safe: LRP-0 keeps its 1e-9 division guard, which a plain epsilon of 0 would drop
+        # (0 / 0 where a ReLU zeroed a pooled output). AlphaBeta and ZPlus are not conservative by their own
+        # definition where a neuron's contributions all have one sign (alpha times, or nothing, passes
+        # back): LRP-0 checks the same layer's handling without that.
+        self.rule = ZeroRule() if type(rule) in (EpsilonRule, AlphaBetaRule, ZPlusRule) else rule
+
+    def is_compatible(self, layer):
+        return self.rule.is_compatible(layer)
+
+    def emit(self, ctx, layer, relevance_out):
+        import dataclasses
+        from .rules.base import Params
+        p = layer.params
+        if p is not None and p.bias is not None and np.any(p.bias):
+            layer = dataclasses.replace(layer, params=Params(p.weight, np.zeros_like(p.bias)),
+                                        extra=dict(layer.extra, params_changed=True))
+        return self.rule.emit(ctx, layer, relevance_out)
+
+    def __repr__(self):
+        return f"Conservative({self.rule!r})"
+
+
+#: Rules whose definition moves relevance to or from nothing: the softmax rule of AttnLRP (a bias-like term).
+_NOT_CONSERVATIVE = ("SoftmaxRule",)
+
+
+def conservative_rules(rules):
+    """The conservative twin of a rule list (see ConservativeRule)."""
+    return [ConservativeRule(r) for r in rules]
+
+
+def _absorbing_operands(layer):
+    """Operands of the layer's node that are computed (not initializers) but carry no relevance: a class
+    token Expand-ed from a constant and concatenated, a mask's fill. Like a bias, they keep their share."""
+    import onnx_graphsurgeon as gs
+    ins = {id(t) for t in layer.inputs}
+    return [t for t in layer.node.inputs if id(t) not in ins and t.name and not isinstance(t, gs.Constant)
+            and t.inputs and layer.op_type in ("Concat", "Where")]
+
+
+def _layer_sums(probe_expl, n):
+    """{layer: (sum R, sum |R|) per sample over its outputs} and the same over its inputs. Where one of a
+    layer's tensors does not have the samples on its first axis (an operand broadcast over the batch, a
+    reshape that folds the batch into the tokens), only the batch's total is exact: every sample then gets
+    the batch's mean, on both sides."""
+    def per_layer(relevances):
+        out, mixed = {}, set()
+        for (i, _), r in relevances.items():
+            r = np.asarray(r, np.float64)
+            if r.ndim and r.shape[0] == n:
+                r = r.reshape(n, -1)
+                total, magnitude = r.sum(1), np.abs(r).sum(1)
+            else:
+                total, magnitude = np.full(n, r.sum() / n), np.full(n, np.abs(r).sum() / n)
+                mixed.add(i)
+            before = out.get(i, (0.0, 0.0))
+            out[i] = (before[0] + total, before[1] + magnitude)
+        return out, mixed
+    received, mixed_out = per_layer(probe_expl.extras.get("output_relevances", {}))
+    passed, mixed_in = per_layer(probe_expl.extras.get("input_relevances", {}))
+    for i in mixed_out | mixed_in:
+        for table in (received, passed):
+            if i in table:
+                table[i] = tuple(np.full(n, v.mean()) for v in table[i])
+    return received, passed
+
+
+@_timed
+def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
+    from .analyzer import _probe_class
+    kw = dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
+              skip_checks=analyzer.skip_checks,
+              layer_relevances=True, precision=analyzer.precision)
+    n = len(x)
+    figures = {}
+    # the composite's own: what each layer absorbs (biases, stabilizers, epsilon) or creates
+    own = _probe_class(type(analyzer))(model, list(analyzer.rules), **kw)
+    own._explosion_reported = own._nonfinite_warned = True
+    received, passed = _layer_sums(own.analyze(x, selection, inputs=feeds_inputs), n)
+    shares = {}
+    for layer in analyzer.layers:
+        if layer.index in received and layer.index in passed:
+            out = received[layer.index][0]
+            shares[layer.index] = float(np.nanmean(1.0 - passed[layer.index][0] / np.where(out == 0, np.nan, out)))
+    figures["absorbed_share_per_layer"] = {f"{i} {analyzer.layers[i].name}": v for i, v in shares.items()}
+    # the conservative twin: every layer must pass on what reaches it
+    twin = _probe_class(type(analyzer))(model, conservative_rules(analyzer.rules), **kw)
+    twin._explosion_reported = twin._nonfinite_warned = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LRPWarning)
+        twin_expl = twin.analyze(x, selection, inputs=feeds_inputs)
+    received, passed = _layer_sums(twin_expl, n)
+    worst, exempt, absorbing = None, [], []
+    for layer in sorted(analyzer.layers, key=lambda l: -l.index):  # from the output: the first to break it
+        if layer.index not in received:
+            continue
+        if type(analyzer.rules[layer.index]).__name__ in _NOT_CONSERVATIVE:
+            exempt.append(f"{layer.index} {layer.name}")
+            continue
+        if _absorbing_operands(layer):  # a class token concatenated, a mask's fill: bias-like shares
+            absorbing.append(f"{layer.index} {layer.name}")
+            continue
+        out, out_abs = received[layer.index]
+        got, got_abs = passed.get(layer.index, (np.zeros(n), np.zeros(n)))
+        # relative to the larger magnitude: LRP-0 without bias cancels where z is small against its terms
+        err = np.abs(got - out) / np.maximum(np.maximum(out_abs, got_abs), 1e-30)
+        if worst is None or np.nanmax(err) > worst[1]:
+            worst = (layer, float(np.nanmax(err)))
+        if not np.all(err <= tol):  # NaN fails too
+            figures.update(conservative_error=float(err.max()), tol=tol)
+            return CheckResult("conservation", "fail",
+                               f"with biases and epsilons zeroed, layer {layer.index} '{layer.name}' ({layer.op_type}) "
+                               f"under {analyzer.rules[layer.index]!r} passes on {float(got[int(err.argmax())]):.6g} "
+                               f"of the {float(out[int(err.argmax())]):.6g} that reach it (error {err.max():.3g}; "
+                               f"bound {tol:g}): relevance is lost or created there", figures,
+                               layer=f"{layer.index} {layer.name}")
+    figures.update(worst_layer_error=worst[1] if worst else 0.0, tol=tol, not_conservative_by_definition=exempt,
+                   absorbing_constant_operands=absorbing)
+    own_total = np.asarray(own.analyze(x, selection, inputs=feeds_inputs).val, np.float64).reshape(n, -1).sum(1)
+    figures["input_relevance_sum"] = own_total.tolist()
+    return CheckResult("conservation", "pass",
+                       f"every layer passes on what reaches it with biases and epsilons zeroed (worst error "
+                       f"{worst[1] if worst else 0:.2g}, bound {tol:g}"
+                       + (f"; {len(exempt)} softmax layers not conservative by definition" if exempt else "")
+                       + (f"; {len(absorbing)} layers with a computed constant operand (a class token, a "
+                          "mask fill) that keeps its share" if absorbing else "")
+                       + f"); under the rules as given the input gets {own_total.min():.3g}..{own_total.max():.3g} "
+                       "of a seed of 1", figures)
+
+
+def _piecewise_linear_reason(analyzer):
+    """None when LRP-0 = gradient x input holds on the graph, else why not."""
+    for layer in analyzer.layers:
+        if layer.group == "ActivationLayer" and layer.op_type not in _PIECEWISE_LINEAR_ACTIVATIONS:
+            if layer.op_type == "Clip":
+                hi = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+                if (hi is None or not hi.name) and layer.node.attrs.get("max") is None:
+                    continue  # Clip(min, no max) is a ReLU-like kink
+            return f"layer {layer.index} '{layer.name}' ({layer.op_type}) is not piecewise linear"
+        if layer.group not in _LINEAR_GROUPS + ("ActivationLayer", "NormalizationLayer") or \
+                layer.op_type in ("LRN", "LayerNormalization"):
+            return f"layer {layer.index} '{layer.name}' ({layer.op_type}) is not piecewise linear"
+    return None
+
+
+@_timed
+def _identity(analyzer, model, x, feeds_inputs, rtol, selection):
+    from .analyzer import LRP
+    from .gradients import InputTimesGradient
+    reason = _piecewise_linear_reason(analyzer)
+    if reason:
+        return CheckResult("identity", "skip", f"{reason}: LRP-0 = gradient x input does not hold")
+    kw = dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
+              skip_checks=analyzer.skip_checks,
+              precision=analyzer.precision)
+    try:
+        gxi = InputTimesGradient(model, **kw)
+    except UnsupportedModelError as exc:
+        return CheckResult("identity", "skip", f"no gradient graph: {str(exc).splitlines()[1].strip()}")
+    lrp0 = LRP(model, None, normalize_output_relevance=False, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LRPWarning)
+        a = lrp0.analyze(x, selection, inputs=feeds_inputs)
+        b = gxi.analyze(x, a.output_selection, inputs=feeds_inputs)
+    err = _rel_l2(a.val, b.val)
+    figures = {"per_sample_rel_l2": err.tolist(), "rtol": rtol}
+    ok = bool(np.all(err <= rtol))
+    return CheckResult("identity", "pass" if ok else "fail",
+                       f"LRP-0 against the gradient graph's gradient x input: relative L2 up to {err.max():.3g} "
+                       f"per sample (bound {rtol:g})" + ("" if ok else f"; worst sample {int(err.argmax())}"),
+                       figures)
+
+
+@_timed
+def _health(analyzer, x, feeds, expl, explosion):
+    n = len(x)
+    val = np.asarray(expl.val, np.float64).reshape(n, -1)
+    nonfinite = expl.extras.get("nonfinite")
+    figures = {"zero_share": float(np.mean(val == 0)), "explosion_bound": explosion}
+    if nonfinite:
+        figures["nonfinite_samples"] = nonfinite["samples"]
+        return CheckResult("health", "fail", f"samples {nonfinite['samples']}: {nonfinite['reason']}", figures)
+    total = np.abs(val).sum(1)
+    out = np.asarray(expl.output, np.float64).reshape(n, -1)
+    sel = np.asarray(expl.output_selection).reshape(-1) % out.shape[1]
+    seed = np.ones(n) if analyzer.normalize_output_relevance else np.abs(out[np.arange(n), sel])
+    ratio = total / np.maximum(seed, 1e-30)
+    figures["sum_abs_relevance_over_seed"] = ratio.tolist()
+    if np.any(ratio > explosion):
+        bad = int(np.argmax(ratio))
+        culprit = analyzer._explosion_layer(x[bad:bad + 1], feeds, bad)
+        where = "" if culprit is None else (f": layer {culprit[0].index} '{culprit[0].name}' ({culprit[0].op_type}) "
+                                            f"passes back {culprit[1]:.3g}x what reaches it")
+        return CheckResult("health", "fail", f"relevance explodes on sample {bad}: sum |R| = {ratio[bad]:.3g} x the "
+                           f"seed (bound {explosion:g}){where}", figures,
+                           layer=None if culprit is None else f"{culprit[0].index} {culprit[0].name}")
+    return CheckResult("health", "pass", f"finite; sum |R| {ratio.min():.3g}..{ratio.max():.3g} x the seed (bound "
+                       f"{explosion:g}); {figures['zero_share']:.1%} of the relevance exactly zero", figures)
+
+
+@_timed
+def _precision(analyzer, model, rules, x, feeds_inputs, expl, rtol):
+    from .analyzer import LRP
+    if analyzer.precision == "float64":
+        return CheckResult("precision", "skip", "the audit runs in float64 already")
+    kw = dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
+              skip_checks=analyzer.skip_checks,
+              normalize_output_relevance=analyzer.normalize_output_relevance)
+    double = LRP(model, rules, precision="float64", **kw)
+    x64 = x if analyzer.token_input else np.asarray(x, np.float64)
+    inputs64 = {k: (np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v) for k, v in feeds_inputs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LRPWarning)
+        e64 = double.analyze(x64, expl.output_selection, inputs=inputs64)
+    err = _rel_l2(expl.val, e64.val)
+    figures = {"per_sample_rel_l2": err.tolist(), "rtol": rtol}
+    ok = bool(np.all(err <= rtol))
+    return CheckResult("precision", "pass" if ok else "fail",
+                       f"float32 against float64 relevance: relative L2 up to {err.max():.3g} per sample (bound "
+                       f"{rtol:g})", figures)
+
+
+# -- the audit ------------------------------------------------------------------------------------------------
+def audit(model, rules_or_composite=None, *, inputs=None, other_inputs=None, samples=4, seed=0, input_shape=None,
+          output_selection=None, output_name=None, input_name=None, thresholds=None, precision_check=True,
+          fail_on=CHECKS, skip_checks=False) -> AuditReport:
+    """Audit ``model`` under ``rules_or_composite`` (LRP's default rules when None) on ``inputs`` (an array
+    with a batch axis; default: ``samples`` seeded synthetic inputs, see synthetic_inputs). Returns an
+    AuditReport (``.passed``, ``.checks``, ``.table()``, ``.to_json()``, ``.to_junit()``)."""
+    limits = dict(DEFAULT_THRESHOLDS)
+    unknown = set(thresholds or {}) - set(limits)
+    if unknown:
+        raise ValueError(f"unknown audit thresholds {sorted(unknown)}; known: {sorted(limits)}")
+    limits.update(thresholds or {})
+    unknown = set(fail_on) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown audit checks {sorted(unknown)}; known: {list(CHECKS)}")
+    source = str(model) if not hasattr(model, "SerializeToString") else "<ModelProto>"
+    rules_desc = _describe_rules(rules_or_composite)
+    kw = dict(verbose=False, device="cpu", input_name=input_name, output_name=output_name, skip_checks=skip_checks)
+    with np.errstate(all="ignore"):  # NaN and overflow are what the checks report, not numpy warnings
+        return _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inputs, samples, seed,
+                      input_shape, output_selection, limits, precision_check, fail_on)
+
+
+def _describe_rules(spec):
+    if spec is None:
+        return "default rules (LRP-0)"
+    if isinstance(spec, (list, tuple)):
+        return f"{len(spec)} rules given"
+    return getattr(spec, "name", None) or type(spec).__name__ if not hasattr(spec, "emit") else repr(spec)
+
+
+def _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inputs, samples, seed, input_shape,
+           output_selection, limits, precision_check, fail_on):
+    from .analyzer import LRP
+    try:
+        analyzer = LRP(model, rules_or_composite, **kw)
+    except UnsupportedModelError as exc:
+        nodes = [f"'{name}' ({op}): {reason}" for name, op, reason in exc.nodes]
+        checks = [CheckResult("coverage", "fail", f"{len(nodes)} node(s) not supported: " + "; ".join(nodes[:5])
+                              + ("; ..." if len(nodes) > 5 else ""), {"unsupported": nodes})]
+        checks += [CheckResult(name, "skip", "no relevance graph (coverage failed)") for name in CHECKS[1:]]
+        return AuditReport(source, rules_desc, "-", checks, tuple(fail_on))
+    if inputs is None:
+        x = synthetic_inputs(analyzer, samples, seed, input_shape)
+        described = f"{len(x)} synthetic (seed {seed}, {'token ids' if analyzer.token_input else 'standard normal'})"
+    else:
+        x = np.asarray(inputs)
+        described = f"{len(x)} given"
+    feeds_inputs = dict(other_inputs or {})
+    checks = [_coverage(analyzer)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LRPWarning)  # health reports these
+        expl = analyzer.analyze(x, output_selection, inputs=feeds_inputs)
+    selection = np.asarray(expl.output_selection)
+    feeds = analyzer._feeds(analyzer._check_input(x), selection, feeds_inputs,
+                            analyzer._out_shapes.get(tuple(x.shape[1:])))
+    checks.append(_forward(analyzer, model, feeds, expl, limits["forward_rtol"]))
+    checks.append(_conservation(analyzer, model, x, feeds_inputs, limits["conservation_tol"], selection))
+    checks.append(_identity(analyzer, model, x, feeds_inputs, limits["identity_rtol"], selection))
+    checks.append(_health(analyzer, x, feeds, expl, limits["explosion"]))
+    if precision_check:
+        checks.append(_precision(analyzer, model, rules_or_composite, x, feeds_inputs, expl, limits["precision_rtol"]))
+    else:
+        checks.append(CheckResult("precision", "skip", "not asked for"))
+    return AuditReport(source, rules_desc, described, checks, tuple(fail_on))
+
+
+__all__ = ["AuditReport", "CheckResult", "CHECKS", "DEFAULT_THRESHOLDS", "audit", "conservative_rules",
+           "synthetic_inputs"]
