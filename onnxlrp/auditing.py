@@ -163,6 +163,12 @@ def synthetic_inputs(analyzer, samples=4, seed=0, feature_shape=None):
 
 
 # -- the checks -----------------------------------------------------------------------------------------------
+def _twin_kwargs(analyzer):
+    """What another analyzer of the same model needs to explain the same input and output."""
+    return dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
+                skip_checks=analyzer.skip_checks)
+
+
 def _timed(fn):
     def run(*args, **kw):
         start = time.perf_counter()
@@ -317,9 +323,7 @@ def _layer_sums(probe_expl, n):
 @_timed
 def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
     from .analyzer import _probe_class
-    kw = dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
-              skip_checks=analyzer.skip_checks,
-              layer_relevances=True, precision=analyzer.precision)
+    kw = dict(_twin_kwargs(analyzer), layer_relevances=True, precision=analyzer.precision)
     n = len(x)
     figures = {}
     # the composite's own: what each layer absorbs (biases, stabilizers, epsilon) or creates
@@ -399,9 +403,7 @@ def _identity(analyzer, model, x, feeds_inputs, rtol, selection):
     reason = _piecewise_linear_reason(analyzer)
     if reason:
         return CheckResult("identity", "skip", f"{reason}: LRP-0 = gradient x input does not hold")
-    kw = dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
-              skip_checks=analyzer.skip_checks,
-              precision=analyzer.precision)
+    kw = dict(_twin_kwargs(analyzer), precision=analyzer.precision)
     try:
         gxi = InputTimesGradient(model, **kw)
     except UnsupportedModelError as exc:
@@ -411,13 +413,17 @@ def _identity(analyzer, model, x, feeds_inputs, rtol, selection):
         warnings.simplefilter("ignore", LRPWarning)
         a = lrp0.analyze(x, selection, inputs=feeds_inputs)
         b = gxi.analyze(x, a.output_selection, inputs=feeds_inputs)
-    err = _rel_l2(a.val, b.val)
-    figures = {"per_sample_rel_l2": err.tolist(), "rtol": rtol}
+    return _per_sample_comparison("identity", "LRP-0 against the gradient graph's gradient x input", a.val, b.val, rtol)
+
+
+def _per_sample_comparison(name, what, ours, reference, rtol):
+    """Pass when every sample's relative L2 distance is within ``rtol``."""
+    err = _rel_l2(ours, reference)
     ok = bool(np.all(err <= rtol))
-    return CheckResult("identity", "pass" if ok else "fail",
-                       f"LRP-0 against the gradient graph's gradient x input: relative L2 up to {err.max():.3g} "
-                       f"per sample (bound {rtol:g})" + ("" if ok else f"; worst sample {int(err.argmax())}"),
-                       figures)
+    return CheckResult(name, "pass" if ok else "fail",
+                       f"{what}: relative L2 up to {err.max():.3g} per sample (bound {rtol:g})"
+                       + ("" if ok else f"; worst sample {int(np.nanargmax(err)) if np.any(np.isfinite(err)) else 0}"),
+                       {"per_sample_rel_l2": err.tolist(), "rtol": rtol})
 
 
 @_timed
@@ -452,21 +458,14 @@ def _precision(analyzer, model, rules, x, feeds_inputs, expl, rtol):
     from .analyzer import LRP
     if analyzer.precision == "float64":
         return CheckResult("precision", "skip", "the audit runs in float64 already")
-    kw = dict(verbose=False, device="cpu", input_name=analyzer._input_name, output_name=analyzer.output_name,
-              skip_checks=analyzer.skip_checks,
-              normalize_output_relevance=analyzer.normalize_output_relevance)
+    kw = dict(_twin_kwargs(analyzer), normalize_output_relevance=analyzer.normalize_output_relevance)
     double = LRP(model, rules, precision="float64", **kw)
     x64 = x if analyzer.token_input else np.asarray(x, np.float64)
     inputs64 = {k: (np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v) for k, v in feeds_inputs.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LRPWarning)
         e64 = double.analyze(x64, expl.output_selection, inputs=inputs64)
-    err = _rel_l2(expl.val, e64.val)
-    figures = {"per_sample_rel_l2": err.tolist(), "rtol": rtol}
-    ok = bool(np.all(err <= rtol))
-    return CheckResult("precision", "pass" if ok else "fail",
-                       f"float32 against float64 relevance: relative L2 up to {err.max():.3g} per sample (bound "
-                       f"{rtol:g})", figures)
+    return _per_sample_comparison("precision", "float32 against float64 relevance", expl.val, e64.val, rtol)
 
 
 # -- the audit ------------------------------------------------------------------------------------------------
