@@ -24,7 +24,7 @@ _EXPORTS = {
     "errors": ["DeviceError", "InputError", "LRPError", "LRPWarning", "ModelLoadError", "RuleCompatibilityError",
                "UnsupportedModelError"],
     "explanation": ["Explanation"],
-    "gradients": ["Gradient", "InputTimesGradient"],
+    "gradients": ["Gradient", "InputTimesGradient", "IntegratedGradients", "SmoothGrad"],
     # The module is named heatmaps so that onnxlrp.heatmap is the function.
     "heatmaps": ["TextHeatmap", "heatmap", "heatmap_overlay", "text_heatmap"],
     "rules": ["AlphaBetaRule", "CPRule", "EpsilonRule", "FlatRule", "GammaRule", "GeneralizedGammaRule",

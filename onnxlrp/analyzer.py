@@ -72,6 +72,8 @@ class LRP:
     _gradient = False
     #: multiply the backward pass's result by the input in the graph (InputTimesGradient)
     _times_input = False
+    #: (size, ref): the batch comes in groups whose rows explain the top output of row ref (SmoothGrad)
+    _selection_group = None
     #: Explanation.analyzer / Explanation.heatmap, and the emitted graph's title
     method_name, heatmap_kind = "LRP", "attribution"
     _graph_title = "onnxlrp relevance graph (Layer-wise Relevance Propagation)"
@@ -222,7 +224,8 @@ class LRP:
         emit_relevance_graph(graph, layers, self.rules, self.data_input,
                              layer_relevances=self.layer_relevances, concept_layer=concept_layer,
                              explained=self.explained, sequence_output=self.sequence_output,
-                             input_relevances=self._input_relevances, times_input=self._times_input)
+                             input_relevances=self._input_relevances, times_input=self._times_input,
+                             selection_group=self._selection_group)
         if self._dtype == np.float64:
             lower_double_ops(graph)
         return graph, doc

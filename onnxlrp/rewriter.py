@@ -179,7 +179,21 @@ def _same_params(p, q):
     return p.weight is q.weight and (p.bias is q.bias)
 
 
-def _select_outputs(ctx, y, selection, position):
+def _group_top(ctx, top, group):
+    """Every row of a group of ``size`` rows takes the top output of the group's row ``ref`` (SmoothGrad's
+    clean input, Integrated Gradients' input at t = 1): the noisy or interpolated copies explain the class
+    the input itself is given."""
+    if group is None:
+        return top
+    b = ctx.b
+    size, ref = group
+    rows = b.op("Reshape", [top, b.i64([-1, size])])
+    chosen = b.op("Gather", [rows, b.i64(ref)], attrs={"axis": 1})
+    spread = b.op("Expand", [b.op("Unsqueeze", [chosen, b.i64([1])]), b.i64([1, size])])
+    return b.op("Reshape", [spread, b.i64([-1])])
+
+
+def _select_outputs(ctx, y, selection, position, group=None):
     """The flat output index explained per sample: ``selection`` where it is in range, the top output where
     it is -1 (for sequence outputs (N, T, ...) with ``position`` given, the top output at that position,
     -1 = last), and -1 where it is anything else: an invalid request is not answered (emit_relevance_graph
@@ -192,7 +206,7 @@ def _select_outputs(ctx, y, selection, position):
     in_range = b.op("And", [b.op("GreaterOrEqual", [selection, b.i64(0)]), b.op("Less", [selection, b.i64(count)])])
     selection = b.op("Where", [in_range, selection, b.i64(-1)])
     if position is None:
-        top = b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0})
+        top = _group_top(ctx, b.op("ArgMax", [flat_y], attrs={"axis": 1, "keepdims": 0}), group)
         return flat_y, b.op("Where", [top_wanted, top, selection])
     steps, per_step = int(shape[1]), int(np.prod(shape[2:]))
     pos = b.op("Where", [b.op("Less", [position, b.i64(0)]), b.op("Add", [position, b.i64(steps)]), position])
@@ -202,13 +216,13 @@ def _select_outputs(ctx, y, selection, position):
     picked = b.op("ReduceSum", [b.op("Mul", [rows, b.op("Unsqueeze", [at, b.i64([2])])]), b.i64([1])],
                   attrs={"keepdims": 0})
     top = b.op("ArgMax", [picked], attrs={"axis": 1, "keepdims": 0})
-    top = b.op("Add", [b.op("Mul", [pos, b.i64(per_step)]), top])
+    top = _group_top(ctx, b.op("Add", [b.op("Mul", [pos, b.i64(per_step)]), top]), group)
     return flat_y, b.op("Where", [top_wanted, top, selection])
 
 
 def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_relevances=False,
                          concept_layer=None, explained=None, sequence_output=False, input_relevances=False,
-                         times_input=False):
+                         times_input=False, selection_group=None):
     """Add the backward pass for ``rules`` (one per layer) to ``graph`` (in place).
 
     ``explained`` names the tensor whose relevance is the output (default: the data input; for token
@@ -219,7 +233,9 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     before it goes on. With ``input_relevances`` each layer's contribution to each of its inputs is an output
     too (``relevance_in_<layer>_<input>``), which tells which consumer of a shared tensor created relevance,
     and so is the relevance reaching each of its outputs (``relevance_out_<layer>_<output>``).
-    With ``times_input`` the result is multiplied by the explained tensor (gradient x input).
+    With ``times_input`` the result is multiplied by the explained tensor (gradient x input). With
+    ``selection_group = (size, ref)`` the batch comes in groups of ``size`` rows and -1 selects, for every
+    row of a group, the top output of its row ``ref``.
     """
     x_in = next(t for t in graph.inputs if t.name == data_input)
     x = x_in if explained in (None, data_input) else graph.tensors()[explained]
@@ -244,7 +260,7 @@ def emit_relevance_graph(graph: gs.Graph, layers, rules, data_input: str, layer_
     selection = gs.Variable(SELECTION, dtype=np.int64, shape=["batch"])
     normalize = gs.Variable(NORMALIZE, dtype=np.bool_, shape=[])
     position = gs.Variable(POSITION, dtype=np.int64, shape=["batch"]) if sequence_output else None
-    flat_y, selection_used = _select_outputs(ctx, y, selection, position)
+    flat_y, selection_used = _select_outputs(ctx, y, selection, position, selection_group)
     # One-hot as Equal(arange, selection): onnxruntime has OneHot for few value types (no double).
     column = b.op("Unsqueeze", [selection_used, b.i64([1])])
     onehot = b.op("Cast", [b.op("Equal", [b.i64(np.arange(k)[None, :]), column])], attrs={"to": b.onnx_dtype})

@@ -232,3 +232,84 @@ def test_an_op_without_a_derivative_is_refused_not_passed_through():
 def test_gradient_takes_no_rules():
     with pytest.raises(TypeError, match="takes no rules"):
         onnxlrp.Gradient(fixture_path("mlp"), onnxlrp.EpsilonPlus(), verbose=False)
+
+
+# -- SmoothGrad and Integrated Gradients: one run per batch -------------------------------------------------
+def _count_runs(monkeypatch, analyzer):
+    calls = []
+    run = type(analyzer)._run_bound
+    monkeypatch.setattr(type(analyzer), "_run_bound", staticmethod(lambda *a, **k: calls.append(1) or run(*a, **k)))
+    return calls
+
+
+def test_smoothgrad_averages_the_gradient_over_noisy_copies_in_one_run(monkeypatch):
+    ref = load_reference("resnet")
+    x = ref["x"][:2]
+    sg = onnxlrp.SmoothGrad(fixture_path("resnet"), n=8, std=0.3, seed=5, verbose=False, device="cpu")
+    calls = _count_runs(monkeypatch, sg)
+    expl = sg.analyze(x)
+    assert len(calls) == 1 and expl.analyzer == "SmoothGrad" and expl.heatmap == "sensitivity"
+    assert "groups of 9 rows (the input, then its noisy copies)" in sg.relevance_model.doc_string
+    grad = onnxlrp.Gradient(fixture_path("resnet"), verbose=False, device="cpu")
+    clean = grad.analyze(x)
+    np.testing.assert_array_equal(expl.output_selection, clean.output_selection)  # the clean input's class
+    np.testing.assert_allclose(expl.output, clean.output, rtol=1e-6)
+    noise = 0.3 * np.random.default_rng(5).standard_normal((2, 8) + x.shape[1:])  # as SmoothGrad draws it
+    for i in range(2):
+        noisy = (x[i][None] + noise[i]).astype(F32)
+        expected = grad.analyze(noisy, np.full(8, clean.output_selection[i])).val.mean(0)
+        np.testing.assert_allclose(expl.val[i], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_smoothgrad_without_noise_is_the_gradient():
+    ref = load_reference("vgg")
+    sg = onnxlrp.SmoothGrad(fixture_path("vgg"), n=3, std=0.0, verbose=False, device="cpu").analyze(ref["x"])
+    g = onnxlrp.Gradient(fixture_path("vgg"), verbose=False, device="cpu").analyze(ref["x"])
+    np.testing.assert_allclose(sg.val, g.val, rtol=1e-5, atol=1e-7)
+
+
+def test_integrated_gradients_is_exact_on_a_linear_model_and_complete_on_a_relu_net(monkeypatch):
+    w, b = RNG.standard_normal((5, 3)), RNG.standard_normal(3)
+    linear = make_model([n("Gemm", ["x", "w", "b"], ["y"])], [("x", [None, 5])], ["y"], [init("w", w), init("b", b)])
+    x = RNG.standard_normal((4, 5)).astype(F32)
+    ig = onnxlrp.IntegratedGradients(linear, n=4, verbose=False, device="cpu")
+    calls = _count_runs(monkeypatch, ig)
+    expl = ig.analyze(x, 1)
+    assert len(calls) == 1 and expl.analyzer == "IntegratedGradients"
+    np.testing.assert_allclose(expl.val, x * w[:, 1].astype(F32), rtol=1e-5)
+    # completeness on the MLP fixture: sum IG = f(x) - f(baseline) for the explained output
+    ref = load_reference("mlp")
+    x = ref["x"]
+    base = np.full_like(x, 0.1)
+    expl = onnxlrp.IntegratedGradients(fixture_path("mlp"), n=512, baseline=base, verbose=False,
+                                       device="cpu").analyze(x)
+    f = onnxlrp.Gradient(fixture_path("mlp"), verbose=False, device="cpu")
+    k = expl.output_selection
+    gap = f.analyze(x, k).output[np.arange(len(x)), k] - f.analyze(base, k).output[np.arange(len(x)), k]
+    np.testing.assert_allclose(expl.val.sum(1), gap, rtol=2e-2, atol=1e-3 * np.abs(gap).max())
+
+
+def test_integrated_gradients_equals_the_path_average_of_the_gradient():
+    ref = load_reference("resnet")
+    x = ref["x"][:1]
+    expl = onnxlrp.IntegratedGradients(fixture_path("resnet"), n=5, verbose=False, device="cpu").analyze(x)
+    grad = onnxlrp.Gradient(fixture_path("resnet"), verbose=False, device="cpu")
+    k = grad.analyze(x).output_selection
+    np.testing.assert_array_equal(expl.output_selection, k)  # chosen at x itself, not along the path
+    path = np.linspace(0, 1, 5, dtype=F32)[:, None, None, None] * x
+    expected = x[0] * grad.analyze(path, np.full(5, k[0])).val.mean(0)
+    np.testing.assert_allclose(expl.val[0], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_augmented_analyzers_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        onnxlrp.SmoothGrad(fixture_path("mlp"), n=0, verbose=False)
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        onnxlrp.IntegratedGradients(fixture_path("mlp"), n=1, verbose=False)
+    ig = onnxlrp.IntegratedGradients(fixture_path("mlp"), n=3, baseline=np.zeros(7), verbose=False)
+    with pytest.raises(ValueError, match="baseline's shape"):
+        ig.analyze(load_reference("mlp")["x"])
+    from .test_transformer_fixtures import DIR
+    sg = onnxlrp.SmoothGrad(str(DIR / "bert_legacy17.onnx"), n=2, verbose=False)
+    with pytest.raises(ValueError, match="token ids take none"):
+        sg.analyze(np.zeros((1, 5), np.int64))
