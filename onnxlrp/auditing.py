@@ -13,10 +13,15 @@
 - health        NaN/Inf (the layer where it starts), sum |R| against the seed (above ``explosion`` x is an
                 explosion: the layer that multiplies most), the share of exactly-zero relevance
 - precision     the composite in float64 against float32: rounding told apart from rule effects
+- faithfulness  region perturbation (Samek et al. 2017): patches removed most-relevant-first (MoRF) and
+                least-relevant-first (LeRF), the explained logit after each step from the original file in
+                plain onnxruntime; AOPC and ABPC = AUC(LeRF) - AUC(MoRF) (per sample, over |f(x)|) against
+                random orders (ABPC ~ 0) and gradient x input. Passes when the relevance's ABPC beats the
+                random orders' by ``faithfulness_margin``
 
 Thresholds have defaults (DEFAULT_THRESHOLDS) and can be set per check. Inputs: an array, or seeded
 synthetic ones of the declared shape (standard normal; token ids uniform over the vocabulary).
-Faithfulness curves, baselines and export comparison are not here yet (issue 10).
+Baselines, export comparison and the plots are not here yet (issue 10).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import numpy as np
 
 from .errors import InputError, LRPWarning, UnsupportedModelError
 
-CHECKS = ("coverage", "forward", "conservation", "identity", "health", "precision")
+CHECKS = ("coverage", "forward", "conservation", "identity", "health", "precision", "faithfulness")
 
 DEFAULT_THRESHOLDS = {
     "forward_rtol": 1e-4,        # max |ours - onnxruntime's| / max |onnxruntime's|, float32
@@ -37,7 +42,16 @@ DEFAULT_THRESHOLDS = {
     "identity_rtol": 1e-3,       # per-sample relative L2 of LRP-0 vs gradient x input (float32 kinks)
     "explosion": 1e3,            # sum |R| above this many times the seed
     "precision_rtol": 1e-2,      # per-sample relative L2 of float32 vs float64 relevance
+    "faithfulness_margin": 0.0,  # ABPC of the relevance minus ABPC of random orders must exceed this
 }
+
+#: Region perturbation (Samek et al. 2017): square patches of PATCH_FRACTION of the shorter image side
+#: (1 feature for vectors), removed in FAITHFULNESS_STEPS steps, replaced by FILL_VALUE (0: the mean of
+#: normalized inputs), against RANDOM_ORDERS random orders.
+PATCH_FRACTION = 1 / 8
+FAITHFULNESS_STEPS = 16
+FILL_VALUE = 0.0
+RANDOM_ORDERS = 4
 
 #: Ops on which LRP-0 (PassRule on activations) equals gradient x input: ReLU-like kinks and linear maps.
 #: A Clip with an upper bound saturates (its gradient is 0 where LRP passes relevance on): not here.
@@ -468,6 +482,107 @@ def _precision(analyzer, model, rules, x, feeds_inputs, expl, rtol):
     return _per_sample_comparison("precision", "float32 against float64 relevance", expl.val, e64.val, rtol)
 
 
+def _patch_ids(shape, patch_fraction=PATCH_FRACTION):
+    """Patch index of every element of one sample of ``shape`` (no batch axis), and the patch count: square
+    patches over the two spatial axes of an image (the smallest axis of a rank-3 sample is the channels),
+    single features otherwise."""
+    if len(shape) == 3:
+        channel = int(np.argmin(shape))
+        spatial = [a for a in range(3) if a != channel]
+        h, w = shape[spatial[0]], shape[spatial[1]]
+        p = max(1, int(round(min(h, w) * patch_fraction)))
+        rows, cols = np.arange(h) // p, np.arange(w) // p
+        per_pixel = rows[:, None] * (cols.max() + 1) + cols[None, :]
+        ids = np.expand_dims(per_pixel, channel)
+        return np.broadcast_to(ids, shape), int(per_pixel.max()) + 1
+    count = int(np.prod(shape))
+    return np.arange(count).reshape(shape), count
+
+
+def _perturbation_curves(run, feeds, name, x, orders, ids, steps, fill, sel):
+    """The explained logit after removing 0, 1/steps, ..., all patches in each order: (n, orders, steps+1)."""
+    n, n_orders = len(x), orders.shape[1]
+    count = orders.shape[2]
+    cuts = np.round(np.linspace(0, count, steps + 1)).astype(int)
+    variants = np.repeat(x[:, None, None], n_orders, axis=1)
+    variants = np.repeat(variants, steps + 1, axis=2)  # (n, orders, steps+1, ...)
+    for i in range(n):
+        for o in range(n_orders):
+            for k, cut in enumerate(cuts):
+                removed = np.isin(ids, orders[i, o, :cut])
+                variants[i, o, k][removed] = fill
+    rows = variants.reshape((-1,) + x.shape[1:])
+    extra = {k: np.repeat(np.asarray(v), n_orders * (steps + 1), axis=0) for k, v in feeds.items() if k != name}
+    out = np.concatenate([np.asarray(run({name: rows[j:j + 256], **{k: v[j:j + 256] for k, v in extra.items()}}),
+                                     np.float64).reshape(len(rows[j:j + 256]), -1)
+                          for j in range(0, len(rows), 256)])
+    logits = out[np.arange(len(rows)), np.repeat(sel, n_orders * (steps + 1))]
+    return logits.reshape(n, n_orders, steps + 1)
+
+
+def _abpc(morf, lerf, f0):
+    """Per sample: (AOPC of MoRF, ABPC = AUC(LeRF) - AUC(MoRF)), both over |f(x)|."""
+    scale = np.maximum(np.abs(f0), 1e-12)
+    aopc = (f0[:, None] - morf).mean(-1) / scale
+    abpc = (lerf.mean(-1) - morf.mean(-1)) / scale
+    return aopc, abpc
+
+
+@_timed
+def _faithfulness(analyzer, model, x, feeds_inputs, expl, margin, seed):
+    from .gradients import InputTimesGradient
+    if analyzer.token_input or analyzer.sequence_output:
+        return CheckResult("faithfulness", "skip", "token models: their ids cannot be perturbed continuously")
+    try:
+        run, what = _original_outputs(model, analyzer.output_name)
+    except Exception as exc:  # noqa: BLE001
+        return CheckResult("faithfulness", "skip", f"onnxruntime cannot run the original file: {str(exc).splitlines()[0]}")
+    ids, count = _patch_ids(x.shape[1:])
+    sel = np.asarray(expl.output_selection).reshape(-1)
+    n = len(x)
+
+    def orders_of(rel):
+        per_patch = np.stack([np.bincount(ids.reshape(-1), weights=np.asarray(r, np.float64).reshape(-1),
+                                          minlength=count) for r in rel])
+        morf = np.argsort(-per_patch, axis=1, kind="stable")
+        return np.stack([morf, morf[:, ::-1]], axis=1)  # (n, 2, patches): MoRF, LeRF
+
+    feeds = {analyzer.data_input: x, **feeds_inputs}
+    f0 = np.asarray(run(feeds), np.float64).reshape(n, -1)[np.arange(n), sel]
+    curves = {}
+    curves["relevance"] = _perturbation_curves(run, feeds, analyzer.data_input, x, orders_of(expl.val), ids,
+                                               FAITHFULNESS_STEPS, FILL_VALUE, sel)
+    rng = np.random.default_rng(seed)
+    random_orders = np.stack([np.stack([rng.permutation(count) for _ in range(RANDOM_ORDERS)]) for _ in range(n)])
+    random = _perturbation_curves(run, feeds, analyzer.data_input, x, random_orders, ids, FAITHFULNESS_STEPS,
+                                  FILL_VALUE, sel)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LRPWarning)
+            gxi = InputTimesGradient(model, **_twin_kwargs(analyzer)).analyze(x, sel, inputs=feeds_inputs).val
+        curves["gradient_x_input"] = _perturbation_curves(run, feeds, analyzer.data_input, x, orders_of(gxi), ids,
+                                                          FAITHFULNESS_STEPS, FILL_VALUE, sel)
+    except Exception:  # noqa: BLE001 - no gradient graph (an op without a derivative): reported without it
+        pass
+    figures = {"compared": what, "patches": count, "steps": FAITHFULNESS_STEPS, "fill": FILL_VALUE,
+               "random_orders": RANDOM_ORDERS, "margin": margin}
+    for key, c in curves.items():
+        aopc, abpc = _abpc(c[:, 0], c[:, 1], f0)
+        figures[key] = {"aopc_morf": float(aopc.mean()), "abpc": float(abpc.mean()),
+                        "morf_curve": c[:, 0].mean(0).tolist(), "lerf_curve": c[:, 1].mean(0).tolist()}
+    # random orders in pairs, one as MoRF and one as LeRF: an ABPC of about 0
+    r_aopc, r_abpc = _abpc(random[:, 0::2].mean(1), random[:, 1::2].mean(1), f0)
+    figures["random"] = {"aopc_morf": float(r_aopc.mean()), "abpc": float(r_abpc.mean()),
+                         "curve": random.mean((0, 1)).tolist()}
+    ours, chance = figures["relevance"]["abpc"], figures["random"]["abpc"]
+    ok = ours > chance + margin
+    extra = (f", gradient x input {figures['gradient_x_input']['abpc']:.3g}" if "gradient_x_input" in figures else "")
+    return CheckResult("faithfulness", "pass" if ok else "fail",
+                       f"ABPC {ours:.3g} of |f(x)| against {chance:.3g} for random orders{extra} ({count} patches, "
+                       f"{FAITHFULNESS_STEPS} steps, fill {FILL_VALUE:g}; AOPC of MoRF "
+                       f"{figures['relevance']['aopc_morf']:.3g})", figures)
+
+
 # -- the audit ------------------------------------------------------------------------------------------------
 def audit(model, rules_or_composite=None, *, inputs=None, other_inputs=None, samples=4, seed=0, input_shape=None,
           output_selection=None, output_name=None, input_name=None, thresholds=None, precision_check=True,
@@ -532,6 +647,8 @@ def _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inpu
         checks.append(_precision(analyzer, model, rules_or_composite, x, feeds_inputs, expl, limits["precision_rtol"]))
     else:
         checks.append(CheckResult("precision", "skip", "not asked for"))
+    checks.append(_faithfulness(analyzer, model, analyzer._check_input(x), feeds_inputs, expl,
+                                limits["faithfulness_margin"], seed))
     return AuditReport(source, rules_desc, described, checks, tuple(fail_on))
 
 

@@ -39,7 +39,7 @@ def test_fixtures_pass_with_default_thresholds(name, composite, expected):
     statuses = _statuses(report)
     assert [c.name for c in report.checks] == list(CHECKS)
     assert statuses["coverage"] == statuses["forward"] == statuses["conservation"] == statuses["health"] == "pass"
-    assert statuses["precision"] == "pass"
+    assert statuses["precision"] == statuses["faithfulness"] == "pass"
     for check, status in expected.items():
         assert statuses[check] == status, report.table()
 
@@ -166,7 +166,7 @@ def test_json_and_junit_are_valid(tmp_path):
     data = json.loads(report.to_json())
     assert data["passed"] is False and [c["name"] for c in data["checks"]] == list(CHECKS)
     suite = ET.fromstring(report.to_junit())
-    assert suite.tag == "testsuite" and suite.get("tests") == "6" and suite.get("failures") == "1"
+    assert suite.tag == "testsuite" and suite.get("tests") == str(len(CHECKS)) and suite.get("failures") == "1"
     cases = {c.get("name"): c for c in suite.findall("testcase")}
     assert cases["coverage"].find("failure") is not None and cases["precision"].find("skipped") is not None
 
@@ -193,3 +193,31 @@ def test_cli_exit_codes_json_and_junit(tmp_path, capsys):
     np.save(x, np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32))
     assert main(["audit", good, "--inputs", str(x), "--no-precision", "--json"], standalone_mode=False) == 0
     assert json.loads(capsys.readouterr().out)["inputs"] == "3 given"
+
+
+# -- faithfulness -------------------------------------------------------------------------------------------
+def _few_features_logit():
+    """y0 = 5 x0 + 3 x1 + 0.1 sum(x2..x9), y1 = 0: the explained logit lives in two of ten features."""
+    w = np.zeros((10, 2))
+    w[0, 0], w[1, 0], w[2:, 0] = 5.0, 3.0, 0.1
+    return make_model([n("Gemm", ["x", "w"], ["y"])], [("x", [None, 10])], ["y"], [init("w", w)])
+
+
+def test_faithfulness_morf_of_lrp0_destroys_a_known_logit_fastest():
+    x = np.abs(RNG.standard_normal((6, 10))).astype(np.float32) + 0.5
+    report = audit(_few_features_logit(), inputs=x, output_selection=0, precision_check=False)
+    faith = report.check("faithfulness")
+    assert faith.status == "pass", faith.summary
+    rel, rnd = faith.figures["relevance"], faith.figures["random"]
+    assert rel["morf_curve"][0] == pytest.approx(rel["lerf_curve"][0])
+    # removing x0 and x1 first (2 of 10 features: by step 3 of 16) takes most of the logit at once
+    assert rel["morf_curve"][3] < 0.25 * rel["morf_curve"][0] < rel["lerf_curve"][3]
+    assert rel["abpc"] > 0.4 and abs(rnd["abpc"]) < 0.15  # random orders score about 0
+
+
+def test_faithfulness_fails_for_an_attribution_that_points_the_wrong_way():
+    x = np.abs(RNG.standard_normal((6, 10))).astype(np.float32) + 0.5
+    report = audit(_few_features_logit(), [_FlippedZero()], inputs=x, output_selection=0, precision_check=False,
+                   fail_on=("faithfulness",))
+    faith = report.check("faithfulness")
+    assert faith.status == "fail" and faith.figures["relevance"]["abpc"] < 0 and not report.passed

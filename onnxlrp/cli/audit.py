@@ -17,6 +17,7 @@ Checks (each PASS, FAIL or SKIP with figures; --fail-on chooses which gate the e
   identity      piecewise-linear graphs: LRP-0 against the emitted gradient graph's gradient x input
   health        finite relevance, sum |R| below --explosion x the seed
   precision     float32 against float64 relevance
+  faithfulness  removing the most relevant patches first lowers the logit faster than random orders
 Exit codes: 0 every gating check passed, 1 one failed (or the model cannot be read), 2 usage error.
 """
 
@@ -73,14 +74,16 @@ def _load_inputs(path):
               help="sum |R| above this many times the seed is an explosion (1e3).")
 @click.option("--precision-rtol", type=click.FloatRange(min=0), default=None,
               help="Bound of float32 against float64, relative L2 per sample (1e-2).")
+@click.option("--faithfulness-margin", type=float, default=None,
+              help="How much the relevance's ABPC must beat random orders' (0, in units of |f(x)|).")
 @output_name_option
 @skip_checks_option
 @debug_option
 def audit(model, inputs, samples, seed, input_shape, output_selection, as_json, junit, fail_on, no_precision,
-          forward_rtol, conservation_tol, identity_rtol, explosion, precision_rtol, output_name, skip_checks,
-          **kwargs):
+          forward_rtol, conservation_tol, identity_rtol, explosion, precision_rtol, faithfulness_margin, output_name,
+          skip_checks, **kwargs):
     """Audit MODEL's explanations for CI: coverage, forward equivalence, conservation, the LRP-0 =
-    gradient x input identity, numerical health and float32 vs float64, each a named check."""
+    gradient x input identity, numerical health, float32 vs float64 and faithfulness, each a named check."""
     from ..auditing import audit as run_audit
     spec, desc = build_rules(**pop_rule_kwargs(kwargs))
     if not os.path.isfile(model):
@@ -89,7 +92,8 @@ def audit(model, inputs, samples, seed, input_shape, output_selection, as_json, 
         raise CLIError(f"{junit}: is a folder; give a file name with --junit")
     thresholds = {k: v for k, v in dict(forward_rtol=forward_rtol, conservation_tol=conservation_tol,
                                         identity_rtol=identity_rtol, explosion=explosion,
-                                        precision_rtol=precision_rtol).items() if v is not None}
+                                        precision_rtol=precision_rtol,
+                                        faithfulness_margin=faithfulness_margin).items() if v is not None}
     report = run_audit(model, spec, inputs=_load_inputs(inputs) if inputs else None, samples=samples, seed=seed,
                        input_shape=input_shape, output_selection=output_selection, output_name=output_name,
                        thresholds=thresholds, precision_check=not no_precision, fail_on=fail_on,
