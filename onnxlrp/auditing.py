@@ -3,10 +3,10 @@
 - coverage      every node has an emitter and a rule (what ``check`` says), else the nodes that have none
 - forward       the relevance graph's ``output`` against the original file run by plain onnxruntime (its
                 pre-softmax tensor where onnxlrp strips an output softmax): max abs and relative error
-- conservation  per layer, the relevance passed to the inputs against what reaches the output; with every
-                rule made exactly conservative (the layer's bias zeroed, a built-in epsilon set to 0, as LXT's
-                conservation check does) any layer that loses or creates relevance is a node handled wrong
-                (or a rule that is not conservative): the first one from the output is named. The rules' own
+- conservation  per layer, the relevance passed to the inputs against what reaches the output; on the model
+                without biases, with onnxlrp's rules of linear layers as LRP-0 (as LXT's conservation check
+                does), any layer that loses or creates relevance is a node handled wrong (or a rule of the
+                user's that is not conservative): the first one from the output is named. The rules' own
                 absorption (biases, stabilizers) is reported per layer
 - identity      on piecewise-linear graphs, LRP-0 seeded with the output's value against the emitted
                 gradient graph's gradient x input (onnxlrp.gradients): no framework needed
@@ -227,9 +227,16 @@ def _original_outputs(model, output_name):
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(target))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     data = session.get_inputs()
+    # Caffe2-era files declare a batch of 1 (onnxlrp makes it symbolic): run those one sample at a time
+    one_at_a_time = any(i.shape and i.shape[0] == 1 for i in data)
 
     def run(feeds):
-        return session.run([target], {i.name: feeds[i.name] for i in data if i.name in feeds})[0]
+        feeds = {i.name: np.asarray(feeds[i.name]) for i in data if i.name in feeds}
+        if not one_at_a_time:
+            return session.run([target], feeds)[0]
+        n = len(next(iter(feeds.values())))
+        return np.concatenate([session.run([target], {k: v[j:j + 1] for k, v in feeds.items()})[0]
+                               for j in range(n)])
     return run, what
 
 
@@ -254,48 +261,48 @@ def _forward(analyzer, model, feeds, expl, rtol):
                        f"plain onnxruntime on {what}", figures)
 
 
-def _rule_base():
-    from .rules import Rule
-    return Rule
-
-
-class ConservativeRule(_rule_base()):
-    """A rule made exactly conservative, as LXT's conservation check does: the layer's bias set to zero
-    (the rule recomputes its pre-activation without it) and EpsilonRule made LRP-0, so that
-    sum R_in = sum R_out up to the 1e-9 division guard. A layer that still loses or creates relevance is
-    a node handled wrong, or a rule of the user's that is not conservative."""
-
-    def __init__(self, rule):
-        from .rules import AlphaBetaRule, EpsilonRule, ZeroRule, ZPlusRule
-        # epsilon 0 where safe: LRP-0 keeps its 1e-9 division guard, which a plain epsilon of 0 would drop
-        # (0 / 0 where a ReLU zeroed a pooled output). AlphaBeta and ZPlus are not conservative by their own
-        # definition where a neuron's contributions all have one sign (alpha times, or nothing, passes
-        # back): LRP-0 checks the same layer's handling without that.
-        self.rule = ZeroRule() if type(rule) in (EpsilonRule, AlphaBetaRule, ZPlusRule) else rule
-
-    def is_compatible(self, layer):
-        return self.rule.is_compatible(layer)
-
-    def emit(self, ctx, layer, relevance_out):
-        import dataclasses
-        from .rules.base import Params
-        p = layer.params
-        if p is not None and p.bias is not None and np.any(p.bias):
-            layer = dataclasses.replace(layer, params=Params(p.weight, np.zeros_like(p.bias)),
-                                        extra=dict(layer.extra, params_changed=True))
-        return self.rule.emit(ctx, layer, relevance_out)
-
-    def __repr__(self):
-        return f"Conservative({self.rule!r})"
-
-
 #: Rules whose definition moves relevance to or from nothing: the softmax rule of AttnLRP (a bias-like term).
 _NOT_CONSERVATIVE = ("SoftmaxRule",)
 
 
 def conservative_rules(rules):
-    """The conservative twin of a rule list (see ConservativeRule)."""
-    return [ConservativeRule(r) for r in rules]
+    """The rules of the conservative twin: onnxlrp's own rules on linear layers become LRP-0 with its 1e-9
+    division guard (epsilon 0 where safe: a plain epsilon of 0 gives 0 / 0 where a ReLU zeroed a pooled
+    output; AlphaBeta and ZPlus are not conservative by their own definition where a neuron's contributions
+    all have one sign), the others and a rule of the user's stay as they are."""
+    from .rules import ZeroRule
+    from .rules.builtin import ALL_RULES
+    kept = ("PassRule", "LayerNormRule", "SoftmaxRule", "UniformRule", "CPRule")
+    return [ZeroRule() if type(r) in set(ALL_RULES.values()) and type(r).__name__ not in kept else r for r in rules]
+
+
+def without_biases(analyzer):
+    """The canonized model with every bias set to zero (Conv/Gemm/MatMul biases, BatchNorm shifts, constant
+    addends of scale layers), as LXT's conservation check runs the model: then LRP-0 passes on exactly what
+    reaches a layer, where the bias would have taken its share."""
+    import onnx_graphsurgeon as gs
+    from ._onnx_utils import export_model
+    graph = analyzer._canonical.copy()
+    tensors = graph.tensors()
+
+    def zero(tensor):
+        if isinstance(tensor, gs.Constant):
+            tensors[tensor.name].values = np.zeros_like(np.asarray(tensor.values))  # a new array: shared ones stay
+    for layer in analyzer.layers:
+        node = layer.node
+        if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
+            zero(node.inputs[2])
+        elif node.op == "BatchNormalization":  # shift = beta - mean * gamma / sqrt(var + eps) = 0
+            gamma, _, mean, var = (np.asarray(t.values, np.float64) for t in node.inputs[1:5])
+            beta = mean * gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+            tensors[node.inputs[2].name].values = beta.astype(np.asarray(node.inputs[2].values).dtype)
+        elif layer.group == "ScaleLayer" and node.op in ("Add", "Sub"):
+            for t in node.inputs:
+                zero(t)
+        for extra in layer.nodes[1:]:  # a fused bias Add
+            for t in extra.inputs:
+                zero(t)
+    return export_model(graph, analyzer.opset)
 
 
 def _absorbing_operands(layer):
@@ -351,7 +358,9 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
             shares[layer.index] = float(np.nanmean(1.0 - passed[layer.index][0] / np.where(out == 0, np.nan, out)))
     figures["absorbed_share_per_layer"] = {f"{i} {analyzer.layers[i].name}": v for i, v in shares.items()}
     # the conservative twin: every layer must pass on what reaches it
-    twin = _probe_class(type(analyzer))(model, conservative_rules(analyzer.rules), **kw)
+    # the canonized graph keeps only the explained output (its softmax stripped, so it has another name)
+    twin = _probe_class(type(analyzer))(without_biases(analyzer), conservative_rules(analyzer.rules),
+                                        **dict(kw, output_name=None))
     twin._explosion_reported = twin._nonfinite_warned = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LRPWarning)
@@ -653,4 +662,4 @@ def _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inpu
 
 
 __all__ = ["AuditReport", "CheckResult", "CHECKS", "DEFAULT_THRESHOLDS", "audit", "conservative_rules",
-           "synthetic_inputs"]
+           "synthetic_inputs", "without_biases"]
