@@ -359,8 +359,10 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
     figures["absorbed_share_per_layer"] = {f"{i} {analyzer.layers[i].name}": v for i, v in shares.items()}
     # the conservative twin: every layer must pass on what reaches it
     # the canonized graph keeps only the explained output (its softmax stripped, so it has another name)
+    # Seeded with the output's value: where the model without biases gives ~0 (a constant-weight zoo file)
+    # there is then ~0 to pass on, instead of a seed of 1 that no input can carry.
     twin = _probe_class(type(analyzer))(without_biases(analyzer), conservative_rules(analyzer.rules),
-                                        **dict(kw, output_name=None))
+                                        **dict(kw, output_name=None, normalize_output_relevance=False))
     twin._explosion_reported = twin._nonfinite_warned = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LRPWarning)
