@@ -102,7 +102,7 @@ def _bombs():
 
 
 _LOADER = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, resource, sys
     try:
         resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
     except (ValueError, OSError):  # a platform without address-space limits: run unlimited
@@ -111,13 +111,12 @@ _LOADER = textwrap.dedent("""
     from onnxlrp.loading import load_model
     results = {{}}
     for name, path in json.loads(sys.argv[1]).items():
-        start = time.perf_counter()
         try:
             load_model(path)
             kind, msg = "loaded", ""
         except Exception as exc:
             kind, msg = type(exc).__name__, str(exc)
-        results[name] = [kind, msg, time.perf_counter() - start]
+        results[name] = [kind, msg]
     results["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(results))
 """)
@@ -149,14 +148,13 @@ def bomb_results(tmp_path_factory):
 def test_folding_bomb_refused_before_allocating(bomb_results, name):
     bombs, paths, results = bomb_results
     _, node, op, elements = bombs[name]
-    kind, msg, seconds = results[name]
+    kind, msg = results[name]
     assert kind == "ModelLoadError", (kind, msg)
     assert "\n" not in msg
     assert msg.startswith(paths[name] + ": refusing to fold constants")
     assert f"node '{node}' ({op})" in msg
     assert f"{elements:,} elements" in msg and f"the limit is {DEFAULT_MAX_FOLD_BYTES:,} bytes per tensor" in msg
     assert MAX_FOLD_BYTES_ENV in msg and "max_fold_bytes" in msg
-    assert seconds < 20  # refused up front, not after filling memory
 
 
 def test_folding_bombs_stay_within_the_memory_limit(bomb_results):
