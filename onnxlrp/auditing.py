@@ -350,7 +350,8 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
     # the composite's own: what each layer absorbs (biases, stabilizers, epsilon) or creates
     own = _probe_class(type(analyzer))(model, list(analyzer.rules), **kw)
     own._explosion_reported = own._nonfinite_warned = True
-    received, passed = _layer_sums(own.analyze(x, selection, inputs=feeds_inputs), n)
+    own_expl = own.analyze(x, selection, inputs=feeds_inputs)
+    received, passed = _layer_sums(own_expl, n)
     shares = {}
     for layer in analyzer.layers:
         if layer.index in received and layer.index in passed:
@@ -394,7 +395,7 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
                                layer=f"{layer.index} {layer.name}")
     figures.update(worst_layer_error=worst[1] if worst else 0.0, tol=tol, not_conservative_by_definition=exempt,
                    absorbing_constant_operands=absorbing)
-    own_total = np.asarray(own.analyze(x, selection, inputs=feeds_inputs).val, np.float64).reshape(n, -1).sum(1)
+    own_total = np.asarray(own_expl.val, np.float64).reshape(n, -1).sum(1)
     figures["input_relevance_sum"] = own_total.tolist()
     return CheckResult("conservation", "pass",
                        f"every layer passes on what reaches it with biases and epsilons zeroed (worst error "
