@@ -2,7 +2,9 @@
 check catches a sabotage of its own, naming the layer."""
 from __future__ import annotations
 
+import glob
 import json
+import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -44,15 +46,41 @@ def test_fixtures_pass_with_default_thresholds(name, composite, expected):
         assert statuses[check] == status, report.table()
 
 
-@pytest.mark.parametrize("path,composite", [
-    ("transformers/bert_legacy17.onnx", onnxlrp.AttnLRP()),
-    ("transformers/gpt2_dynamo18.onnx", onnxlrp.CPLRP()),
-    ("transformers/vit_legacy17.onnx", onnxlrp.AttnLRP()),
-    ("tf2onnx/keras_cnn_op17.onnx", onnxlrp.EpsilonGammaBox(-3, 3)),
-    ("tf2onnx/efficientnetb0_op13.onnx", onnxlrp.EpsilonPlus()),
-])
-def test_transformers_and_keras_pass(path, composite):
-    report = audit(f"{FIXTURES}/{path}", composite, precision_check=False)
+#: every other committed fixture, audited under the composite a user would pick for it; the suite runs one
+#: export per architecture, ONNXLRP_HEAVY_TESTS=1 all of them (op13 twins of the op17 Keras graphs, legacy14
+#: transformer exports, NASNetMobile at ~45 s, and issue 9's two open pairs)
+HEAVY = pytest.mark.skipif(not os.environ.get("ONNXLRP_HEAVY_TESTS"), reason="minutes: set ONNXLRP_HEAVY_TESTS=1")
+ISSUE_9 = pytest.mark.xfail(strict=True, reason="issue 9: residual sums that nearly cancel explode (ResNet50V2) "
+                                                "or rank patches against the logit (DenseNet121) under EpsilonGammaBox")
+_IN_THE_TEST_ABOVE = {"vgg", "resnet", "mlp", "mobilenet", "vgg_dynamo", "resnet_dynamo"}
+
+
+def _every_fixture():
+    cases = []
+    for path in sorted(glob.glob(f"{FIXTURES}/*.onnx")) + sorted(glob.glob(f"{FIXTURES}/tf2onnx/*.onnx")) + \
+            sorted(glob.glob(f"{FIXTURES}/transformers/*.onnx")):
+        rel = os.path.relpath(path, FIXTURES)
+        stem = os.path.splitext(os.path.basename(rel))[0]
+        if stem in _IN_THE_TEST_ABOVE:
+            continue
+        marks = []
+        if rel.startswith("transformers/"):
+            composite = onnxlrp.CPLRP() if "gpt2" in stem else onnxlrp.AttnLRP()
+            marks += [HEAVY] if "legacy14" in stem else []
+        elif "mlp" in stem:
+            composite = onnxlrp.EpsilonPlus()
+        else:
+            composite = onnxlrp.EpsilonGammaBox(-3, 3)
+        if rel.startswith("tf2onnx/"):
+            marks += [HEAVY] if stem.endswith("op13") or "nasnet" in stem else []
+            marks += [HEAVY, ISSUE_9] if "resnet50v2" in stem or "densenet121" in stem else []
+        cases.append(pytest.param(rel, composite, id=rel, marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("path,composite", _every_fixture())
+def test_every_committed_fixture_passes_with_default_thresholds(path, composite):
+    report = audit(f"{FIXTURES}/{path}", composite, samples=2, precision_check=False)
     assert report.passed, report.table()
 
 
@@ -221,3 +249,16 @@ def test_faithfulness_fails_for_an_attribution_that_points_the_wrong_way():
                    fail_on=("faithfulness",))
     faith = report.check("faithfulness")
     assert faith.status == "fail" and faith.figures["relevance"]["abpc"] < 0 and not report.passed
+
+
+def test_health_reports_denominators_within_the_stabilizer():
+    """x = (1, -1 + 1e-7) through w = (1, 1): z ~ 1e-7, below the 1e-6 of EpsilonRule, and the relevance of
+    the output reaches it: the stabilizer, not the rule, decides what the inputs get (here: an explosion)."""
+    model = make_model([n("Gemm", ["x", "w"], ["y"])], [("x", [None, 2])], ["y"], [init("w", [[1.0], [1.0]])])
+    x = np.array([[1.0, -1.0 + 1e-7]], np.float32)
+    report = audit(model, [onnxlrp.EpsilonRule(1e-6)], inputs=x, precision_check=False, fail_on=("health",))
+    health = report.check("health")
+    assert health.figures["stabilizer_hits"] == {f"0 {report.data['layers'][0]['name']}": 1.0}, health.figures
+    assert health.status == "fail" and "below the stabilizer on 100.0%" in health.summary
+    calm = audit(model, [onnxlrp.EpsilonRule(1e-6)], inputs=np.array([[1.0, 1.0]], np.float32), precision_check=False)
+    assert calm.check("health").figures["stabilizer_hits"] == {}

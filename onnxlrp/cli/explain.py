@@ -180,6 +180,60 @@ def validate_inputs(found, spec):
     return samples
 
 
+def image_options(f):
+    """--mean, --std, --no-normalize, --layout: how image files become model inputs (explain, audit)."""
+    opts = [
+        click.option("--mean", type=FloatList(), default=None,
+                     help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.5 or 0.485,0.456,0.406. "
+                          "Default: the ImageNet mean (its average for 1-channel models)."),
+        click.option("--std", type=FloatList(), default=None,
+                     help="Per-channel standard deviation images are divided by. Default: the ImageNet std."),
+        click.option("--no-normalize", is_flag=True, help="Feed images scaled to [0, 1], without --mean/--std."),
+        click.option("--layout", type=click.Choice(["auto", "NCHW", "NHWC"], case_sensitive=False), default="auto",
+                     metavar="[auto|NCHW|NHWC]", show_default=True, help="Channel layout of the model's image input."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def load_input_batch(paths, analyzer, layout, input_shape, mean, std, no_normalize):
+    """Every image and .npy sample under ``paths`` (files or folders) as one batch for ``analyzer``'s data
+    input, preprocessed as ``explain`` does; CLIError naming the file that does not fit."""
+    if no_normalize and (mean is not None or std is not None):
+        raise click.UsageError("--no-normalize and --mean/--std exclude each other")
+    spec = input_spec(analyzer, layout, input_shape)
+    samples = validate_inputs(collect_inputs(paths), spec)
+    bad = next((s for s in samples if s.error), None)
+    if bad is not None:
+        raise CLIError(f"{bad.path}: {bad.error}")
+    keys = {s.key for s in samples}
+    if len(keys) > 1:
+        raise CLIError(f"{paths[0]}: the inputs have different shapes ({len(keys)} kinds); give inputs of one "
+                       "size (or --input-shape, which images are resized to)")
+    norm_mean, norm_std = image_normalization(spec, mean, std, no_normalize)
+    arrays = {}
+    try:
+        return np.stack([_load_sample(s, spec, norm_mean, norm_std, arrays, False)[0] for s in samples])
+    finally:
+        arrays.clear()
+
+
+def image_normalization(spec, mean, std, no_normalize):
+    """(mean, std) that images are normalized with (ImageNet's by default), or (None, None)."""
+    if not spec.image or no_normalize:
+        return None, None
+    c = spec.channels
+    norm_mean = mean or (GRAY_MEAN if c == 1 else (0.485, 0.456, 0.406))
+    norm_std = std or (GRAY_STD if c == 1 else (0.229, 0.224, 0.225))
+    for name, v in (("--mean", norm_mean), ("--std", norm_std)):
+        if len(v) not in (1, c):
+            raise CLIError(f"{name} has {len(v)} values for the model's {c}-channel images (give 1 or {c})")
+    if any(s == 0 for s in norm_std):
+        raise click.BadParameter("must not be zero", param_hint="--std")
+    return norm_mean, norm_std
+
+
 def _sample_shape(spec):
     return "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in spec.shape[1:]) + ("," if len(spec.shape) == 2 else "") + ")"
 
@@ -485,15 +539,7 @@ Examples:
 @click.option("--force", "-f", is_flag=True, help="Overwrite existing output files.")
 @click.option("--save-npy", is_flag=True, help="Also write the raw relevance of each input as NAME_relevance.npy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of a table.")
-@click.option("--mean", type=FloatList(), default=None,
-              help="Per-channel mean subtracted from images scaled to [0, 1], e.g. 0.5 or 0.485,0.456,0.406. "
-                   "Default: the ImageNet mean (its average for 1-channel models).")
-@click.option("--std", type=FloatList(), default=None,
-              help="Per-channel standard deviation images are divided by. Default: the ImageNet std.")
-@click.option("--no-normalize", is_flag=True, help="Feed images scaled to [0, 1], without --mean/--std.")
-@click.option("--layout", type=click.Choice(["auto", "NCHW", "NHWC"], case_sensitive=False), default="auto",
-              metavar="[auto|NCHW|NHWC]",
-              show_default=True, help="Channel layout of the model's image input.")
+@image_options
 @click.option("--input-shape", type=ShapeType(), default=None,
               help="The input dims after the batch axis in the model's order (e.g. 3,224,224), for models "
                    "with dynamic height and width: images are resized to it.")
@@ -601,16 +647,7 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
             click.echo(f"onnxlrp: note: {labels} has {len(label_names)} labels for {n_out} outputs", err=True)
 
     samples = validate_inputs(found, spec)
-    norm_mean = norm_std = None
-    if spec.image and not no_normalize:
-        c = spec.channels
-        norm_mean = mean or (GRAY_MEAN if c == 1 else (0.485, 0.456, 0.406))
-        norm_std = std or (GRAY_STD if c == 1 else (0.229, 0.224, 0.225))
-        for name, v in (("--mean", norm_mean), ("--std", norm_std)):
-            if len(v) not in (1, c):
-                raise CLIError(f"{name} has {len(v)} values for the model's {c}-channel images (give 1 or {c})")
-        if any(s == 0 for s in norm_std):
-            raise click.BadParameter("must not be zero", param_hint="--std")
+    norm_mean, norm_std = image_normalization(spec, mean, std, no_normalize)
     if not spec.image and not quiet:
         click.echo(f"onnxlrp: note: the model's input {spec.describe()} is not an image; writing the relevance "
                    "as .npy files instead of heatmaps", err=True)

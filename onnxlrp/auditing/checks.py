@@ -19,9 +19,15 @@
                 random orders (ABPC ~ 0) and gradient x input. Passes when the relevance's ABPC beats the
                 random orders' by ``faithfulness_margin``
 
+- regression    against a stored earlier audit (a baseline, see drift.py): per-sample relative L2 of the
+                relevance, overlap of the most relevant features, the outputs; names the layers whose
+                parameters changed
+- compare       another export of the same model (legacy vs dynamo, fp32 vs fp16, optimized vs not) explained
+                on the same inputs and classes: outputs and relevance must agree within the same bounds
+
 Thresholds have defaults (DEFAULT_THRESHOLDS) and can be set per check. Inputs: an array, or seeded
-synthetic ones of the declared shape (standard normal; token ids uniform over the vocabulary).
-Baselines, export comparison and the plots are not here yet (issue 10).
+synthetic ones of the declared shape (standard normal; token ids uniform over the vocabulary), or a
+baseline's. The report's pictures and HTML page: report.py.
 """
 from __future__ import annotations
 
@@ -32,9 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, LRPWarning, UnsupportedModelError
+from ..errors import InputError, LRPWarning, UnsupportedModelError
 
-CHECKS = ("coverage", "forward", "conservation", "identity", "health", "precision", "faithfulness")
+CHECKS = ("coverage", "forward", "conservation", "identity", "health", "precision", "faithfulness", "regression",
+          "compare")
 
 DEFAULT_THRESHOLDS = {
     "forward_rtol": 1e-4,        # max |ours - onnxruntime's| / max |onnxruntime's|, float32
@@ -43,15 +50,21 @@ DEFAULT_THRESHOLDS = {
     "explosion": 1e3,            # sum |R| above this many times the seed
     "precision_rtol": 1e-2,      # per-sample relative L2 of float32 vs float64 relevance
     "faithfulness_margin": 0.0,  # ABPC of the relevance minus ABPC of random orders must exceed this
+    # regression (against a baseline) and compare (against another export), per sample:
+    "drift_rtol": 1e-2,          # relative L2 of the relevance (float32 rounding of a new runtime stays below)
+    "drift_output_rtol": 1e-4,   # max |output difference| / max |output|
+    "drift_topk_overlap": 0.9,   # share of the most relevant 1 % of features that both maps have in common
 }
 
-#: Region perturbation (Samek et al. 2017): square patches of PATCH_FRACTION of the shorter image side
-#: (1 feature for vectors), removed in FAITHFULNESS_STEPS steps, replaced by FILL_VALUE (0: the mean of
-#: normalized inputs), against RANDOM_ORDERS random orders.
+#: Region perturbation (Samek et al. 2017), the defaults of ``faithfulness=`` (CLI --patch-size, --steps,
+#: --fill, --random-orders): square patches of ``patch_size`` pixels (None: 1/8 of the shorter image side;
+#: single features for vectors, or groups of ``patch_size``), removed in ``steps`` steps, replaced by
+#: ``fill`` (0: the mean of normalized inputs; "mean": each sample's own mean per channel), against
+#: ``random_orders`` random orders.
 PATCH_FRACTION = 1 / 8
-FAITHFULNESS_STEPS = 16
-FILL_VALUE = 0.0
-RANDOM_ORDERS = 4
+#: Below this largest change of the explained output (over |f(x)|) under any removal, faithfulness is skipped.
+INSENSITIVE = 1e-6
+FAITHFULNESS_DEFAULTS = {"patch_size": None, "steps": 16, "fill": 0.0, "random_orders": 4}
 
 #: Ops on which LRP-0 (PassRule on activations) equals gradient x input: ReLU-like kinks and linear maps.
 #: A Clip with an upper bound saturates (its gradient is 0 where LRP passes relevance on): not here.
@@ -77,6 +90,21 @@ class AuditReport:
     inputs: str
     checks: list
     fail_on: tuple = CHECKS
+    #: the arrays behind the figures (not in to_dict): inputs, other_inputs, output, output_selection,
+    #: relevance, layers (parameter fingerprints), model_sha256, layout, token_input
+    data: dict = field(default_factory=dict, repr=False)
+
+    def save_baseline(self, path):
+        """Write this audit as a baseline (one JSON file) that a later ``audit(..., baseline=path)`` compares
+        against."""
+        from .drift import save_baseline
+        save_baseline(self, path)
+
+    def write_report(self, directory) -> list:
+        """Pictures (relevance, faithfulness curves, conservation per layer) and an HTML page in
+        ``directory``; returns the files written."""
+        from .report import write_report
+        return write_report(self, directory)
 
     @property
     def failed(self):
@@ -195,7 +223,7 @@ def _timed(fn):
 @_timed
 def _coverage(analyzer):
     from collections import Counter
-    from .emitters.elementwise import FALLBACK_PASS
+    from ..emitters.elementwise import FALLBACK_PASS
     rules = Counter(type(r).__name__ for r in analyzer.rules)
     figures = {"layers": len(analyzer.layers), "rules": dict(rules)}
     passed_through = [f"{l.index} '{l.name}' ({l.op_type})" for l in analyzer.layers if l.emitter is FALLBACK_PASS]
@@ -266,29 +294,42 @@ _NOT_CONSERVATIVE = ("SoftmaxRule",)
 
 
 def conservative_rules(rules):
-    """The rules of the conservative twin: onnxlrp's own rules on linear layers become LRP-0 with its 1e-9
-    division guard (epsilon 0 where safe: a plain epsilon of 0 gives 0 / 0 where a ReLU zeroed a pooled
-    output; AlphaBeta and ZPlus are not conservative by their own definition where a neuron's contributions
-    all have one sign), the others and a rule of the user's stay as they are."""
-    from .rules import ZeroRule
-    from .rules.builtin import ALL_RULES
+    """The rules of the conservative twin: onnxlrp's own rules on linear layers become LRP-0 (AlphaBeta and
+    ZPlus are not conservative by their own definition where a neuron's contributions all have one sign),
+    the others and a rule of the user's stay as they are. The division guard is 1e-30 (AttnLRP's), not
+    LRP-0's 1e-9: without biases a constant-weight zoo file's activations are ~1e-11, where 1e-9 would
+    absorb nearly everything; only an exact 0 / 0 (a ReLU that zeroed a pooled output) needs a guard."""
+    from ..rules import EpsilonRule
+    from ..rules.attention import GRADIENT_STABILIZER
+    from ..rules.builtin import ALL_RULES
     kept = ("PassRule", "LayerNormRule", "SoftmaxRule", "UniformRule", "CPRule")
-    return [ZeroRule() if type(r) in set(ALL_RULES.values()) and type(r).__name__ not in kept else r for r in rules]
+    return [EpsilonRule(GRADIENT_STABILIZER) if type(r) in set(ALL_RULES.values()) and type(r).__name__ not in kept
+            else r for r in rules]
 
 
-def without_biases(analyzer):
+def without_biases(analyzer, feature_shape=None):
     """The canonized model with every bias set to zero (Conv/Gemm/MatMul biases, BatchNorm shifts, constant
     addends of scale layers), as LXT's conservation check runs the model: then LRP-0 passes on exactly what
-    reaches a layer, where the bias would have taken its share."""
+    reaches a layer, where the bias would have taken its share. ``feature_shape`` (the dims after the batch
+    axis) other than the analyzer's first: canonized again for it, as the analyzer does (a token model's
+    sequence length folds into its reshape targets and masks)."""
     import onnx_graphsurgeon as gs
-    from ._onnx_utils import export_model
-    graph = analyzer._canonical.copy()
+    from .._onnx_utils import export_model
+    from ..canonization import canonize_graph
+    from ..layers import build_layers
+    layers = analyzer.layers
+    if feature_shape is None or tuple(feature_shape) == tuple(analyzer._canonical_shape or ()):
+        graph = analyzer._canonical.copy()
+    else:
+        graph = analyzer._load(tuple(feature_shape)).graph
+        canonize_graph(graph)
+        layers = build_layers(graph, analyzer.explained, strict=not analyzer.skip_checks)
     tensors = graph.tensors()
 
     def zero(tensor):
         if isinstance(tensor, gs.Constant):
             tensors[tensor.name].values = np.zeros_like(np.asarray(tensor.values))  # a new array: shared ones stay
-    for layer in analyzer.layers:
+    for layer in layers:
         node = layer.node
         if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
             zero(node.inputs[2])
@@ -343,7 +384,7 @@ def _layer_sums(probe_expl, n):
 
 @_timed
 def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
-    from .analyzer import _probe_class
+    from ..analyzer import _probe_class
     kw = dict(_twin_kwargs(analyzer), layer_relevances=True, precision=analyzer.precision)
     n = len(x)
     figures = {}
@@ -351,6 +392,7 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
     own = _probe_class(type(analyzer))(model, list(analyzer.rules), **kw)
     own._explosion_reported = own._nonfinite_warned = True
     own_expl = own.analyze(x, selection, inputs=feeds_inputs)
+    analyzer.__dict__["_audit_probe"] = own_expl  # health reads each layer's incoming relevance from it
     received, passed = _layer_sums(own_expl, n)
     shares = {}
     for layer in analyzer.layers:
@@ -362,14 +404,14 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
     # the canonized graph keeps only the explained output (its softmax stripped, so it has another name)
     # Seeded with the output's value: where the model without biases gives ~0 (a constant-weight zoo file)
     # there is then ~0 to pass on, instead of a seed of 1 that no input can carry.
-    twin = _probe_class(type(analyzer))(without_biases(analyzer), conservative_rules(analyzer.rules),
+    twin = _probe_class(type(analyzer))(without_biases(analyzer, x.shape[1:]), conservative_rules(analyzer.rules),
                                         **dict(kw, output_name=None, normalize_output_relevance=False))
     twin._explosion_reported = twin._nonfinite_warned = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LRPWarning)
         twin_expl = twin.analyze(x, selection, inputs=feeds_inputs)
     received, passed = _layer_sums(twin_expl, n)
-    worst, exempt, absorbing = None, [], []
+    worst, exempt, absorbing, errors, first_bad = None, [], [], {}, None
     for layer in sorted(analyzer.layers, key=lambda l: -l.index):  # from the output: the first to break it
         if layer.index not in received:
             continue
@@ -383,17 +425,22 @@ def _conservation(analyzer, model, x, feeds_inputs, tol, selection):
         got, got_abs = passed.get(layer.index, (np.zeros(n), np.zeros(n)))
         # relative to the larger magnitude: LRP-0 without bias cancels where z is small against its terms
         err = np.abs(got - out) / np.maximum(np.maximum(out_abs, got_abs), 1e-30)
+        errors[f"{layer.index} {layer.name}"] = float(err.max())  # NaN stays NaN (null in JSON)
         if worst is None or np.nanmax(err) > worst[1]:
             worst = (layer, float(np.nanmax(err)))
-        if not np.all(err <= tol):  # NaN fails too
-            figures.update(conservative_error=float(err.max()), tol=tol)
-            return CheckResult("conservation", "fail",
-                               f"with biases and epsilons zeroed, layer {layer.index} '{layer.name}' ({layer.op_type}) "
-                               f"under {analyzer.rules[layer.index]!r} passes on {float(got[int(err.argmax())]):.6g} "
-                               f"of the {float(out[int(err.argmax())]):.6g} that reach it (error {err.max():.3g}; "
-                               f"bound {tol:g}): relevance is lost or created there", figures,
-                               layer=f"{layer.index} {layer.name}")
-    figures.update(worst_layer_error=worst[1] if worst else 0.0, tol=tol, not_conservative_by_definition=exempt,
+        if first_bad is None and not np.all(err <= tol):  # NaN fails too
+            first_bad = (layer, err, got, out)
+    figures.update(twin_error_per_layer=errors, tol=tol)
+    if first_bad is not None:
+        layer, err, got, out = first_bad
+        k = int(np.nanargmax(np.where(np.isnan(err), np.inf, err)))
+        figures["conservative_error"] = float(err.max())
+        return CheckResult("conservation", "fail",
+                           f"with biases and epsilons zeroed, layer {layer.index} '{layer.name}' ({layer.op_type}) "
+                           f"under {analyzer.rules[layer.index]!r} passes on {float(got[k]):.6g} of the "
+                           f"{float(out[k]):.6g} that reach it (error {err[k]:.3g}; bound {tol:g}): relevance is "
+                           "lost or created there", figures, layer=f"{layer.index} {layer.name}")
+    figures.update(worst_layer_error=worst[1] if worst else 0.0, not_conservative_by_definition=exempt,
                    absorbing_constant_operands=absorbing)
     own_total = np.asarray(own_expl.val, np.float64).reshape(n, -1).sum(1)
     figures["input_relevance_sum"] = own_total.tolist()
@@ -422,16 +469,31 @@ def _piecewise_linear_reason(analyzer):
     return None
 
 
+def _gradient_twin(analyzer, model, precision):
+    """The model's InputTimesGradient, built once per audit and precision (identity and faithfulness both
+    need it, and building a large graph's twin takes seconds); UnsupportedModelError when an op has no
+    derivative."""
+    from ..gradients import InputTimesGradient
+    cache = analyzer.__dict__.setdefault("_audit_gradient_twins", {})
+    if precision not in cache:
+        try:
+            cache[precision] = InputTimesGradient(model, **dict(_twin_kwargs(analyzer), precision=precision))
+        except UnsupportedModelError as exc:
+            cache[precision] = exc
+    if isinstance(cache[precision], Exception):
+        raise cache[precision]
+    return cache[precision]
+
+
 @_timed
 def _identity(analyzer, model, x, feeds_inputs, rtol, selection):
-    from .analyzer import LRP
-    from .gradients import InputTimesGradient
+    from ..analyzer import LRP
     reason = _piecewise_linear_reason(analyzer)
     if reason:
         return CheckResult("identity", "skip", f"{reason}: LRP-0 = gradient x input does not hold")
     kw = dict(_twin_kwargs(analyzer), precision=analyzer.precision)
     try:
-        gxi = InputTimesGradient(model, **kw)
+        gxi = _gradient_twin(analyzer, model, analyzer.precision)
     except UnsupportedModelError as exc:
         return CheckResult("identity", "skip", f"no gradient graph: {str(exc).splitlines()[1].strip()}")
     lrp0 = LRP(model, None, normalize_output_relevance=False, **kw)
@@ -452,12 +514,44 @@ def _per_sample_comparison(name, what, ours, reference, rtol):
                        {"per_sample_rel_l2": err.tolist(), "rtol": rtol})
 
 
+def _stabilizer_hits(analyzer, feeds):
+    """{layer: share} for the layers whose rule divides by the layer's output z (LRP-0, Epsilon): the share of
+    the outputs that carry relevance where |z| is below the rule's stabilizer, so that the stabilizer, not the
+    rule, decides what they pass on. Needs the conservation check's probe (each layer's incoming relevance)."""
+    from ..rules import EpsilonRule, ZeroRule
+    from ..rules.base import DEFAULT_STABILIZER
+    probe = analyzer.__dict__.get("_audit_probe")
+    received = probe.extras.get("output_relevances", {}) if probe is not None else {}
+    if not received:
+        return {}
+    try:
+        values = analyzer._layer_outputs(feeds)
+    except Exception:  # noqa: BLE001 - a shape the canonized graph was not built for: no figure
+        return {}
+    z_of = {layer.index: z for layer, z in zip(sorted(analyzer.layers, key=lambda l: l.index), values)}
+    hits = {}
+    for layer in analyzer.layers:
+        rule = analyzer.rules[layer.index]
+        if type(rule) not in (ZeroRule, EpsilonRule) or layer.index not in z_of:
+            continue
+        stabilizer = rule.epsilon if isinstance(rule, EpsilonRule) else float(DEFAULT_STABILIZER)
+        r, z = received.get((layer.index, 0)), np.asarray(z_of[layer.index])
+        if r is None or np.shape(r) != z.shape:
+            continue
+        carrying = np.asarray(r) != 0
+        share = float(np.mean(np.abs(z[carrying]) < stabilizer)) if carrying.any() else 0.0
+        if share > 0:
+            hits[f"{layer.index} {layer.name}"] = share
+    return hits
+
+
 @_timed
 def _health(analyzer, x, feeds, expl, explosion):
     n = len(x)
     val = np.asarray(expl.val, np.float64).reshape(n, -1)
     nonfinite = expl.extras.get("nonfinite")
-    figures = {"zero_share": float(np.mean(val == 0)), "explosion_bound": explosion}
+    figures = {"zero_share": float(np.mean(val == 0)), "explosion_bound": explosion,
+               "stabilizer_hits": _stabilizer_hits(analyzer, feeds)}
     if nonfinite:
         figures["nonfinite_samples"] = nonfinite["samples"]
         return CheckResult("health", "fail", f"samples {nonfinite['samples']}: {nonfinite['reason']}", figures)
@@ -467,21 +561,25 @@ def _health(analyzer, x, feeds, expl, explosion):
     seed = np.ones(n) if analyzer.normalize_output_relevance else np.abs(out[np.arange(n), sel])
     ratio = total / np.maximum(seed, 1e-30)
     figures["sum_abs_relevance_over_seed"] = ratio.tolist()
+    hits = figures["stabilizer_hits"]
+    worst = max(hits, key=hits.get) if hits else None
+    note = (f"; |z| below the stabilizer on {hits[worst]:.1%} of the relevance-carrying outputs of layer {worst} "
+            "(the stabilizer decides their relevance)") if worst else ""
     if np.any(ratio > explosion):
         bad = int(np.argmax(ratio))
         culprit = analyzer._explosion_layer(x[bad:bad + 1], feeds, bad)
         where = "" if culprit is None else (f": layer {culprit[0].index} '{culprit[0].name}' ({culprit[0].op_type}) "
                                             f"passes back {culprit[1]:.3g}x what reaches it")
         return CheckResult("health", "fail", f"relevance explodes on sample {bad}: sum |R| = {ratio[bad]:.3g} x the "
-                           f"seed (bound {explosion:g}){where}", figures,
+                           f"seed (bound {explosion:g}){where}{note}", figures,
                            layer=None if culprit is None else f"{culprit[0].index} {culprit[0].name}")
     return CheckResult("health", "pass", f"finite; sum |R| {ratio.min():.3g}..{ratio.max():.3g} x the seed (bound "
-                       f"{explosion:g}); {figures['zero_share']:.1%} of the relevance exactly zero", figures)
+                       f"{explosion:g}); {figures['zero_share']:.1%} of the relevance exactly zero{note}", figures)
 
 
 @_timed
 def _precision(analyzer, model, rules, x, feeds_inputs, expl, rtol):
-    from .analyzer import LRP
+    from ..analyzer import LRP
     if analyzer.precision == "float64":
         return CheckResult("precision", "skip", "the audit runs in float64 already")
     kw = dict(_twin_kwargs(analyzer), normalize_output_relevance=analyzer.normalize_output_relevance)
@@ -494,24 +592,44 @@ def _precision(analyzer, model, rules, x, feeds_inputs, expl, rtol):
     return _per_sample_comparison("precision", "float32 against float64 relevance", expl.val, e64.val, rtol)
 
 
-def _patch_ids(shape, patch_fraction=PATCH_FRACTION):
+def _image_axes(shape):
+    """(channel axis, spatial axes) of one rank-3 sample: the smallest axis is the channels."""
+    channel = int(np.argmin(shape))
+    return channel, [a for a in range(3) if a != channel]
+
+
+def _patch_ids(shape, patch_size=None):
     """Patch index of every element of one sample of ``shape`` (no batch axis), and the patch count: square
-    patches over the two spatial axes of an image (the smallest axis of a rank-3 sample is the channels),
-    single features otherwise."""
+    patches of ``patch_size`` pixels over the two spatial axes of an image (default 1/8 of the shorter side),
+    groups of ``patch_size`` consecutive features otherwise (default 1)."""
     if len(shape) == 3:
-        channel = int(np.argmin(shape))
-        spatial = [a for a in range(3) if a != channel]
+        channel, spatial = _image_axes(shape)
         h, w = shape[spatial[0]], shape[spatial[1]]
-        p = max(1, int(round(min(h, w) * patch_fraction)))
+        p = int(patch_size) if patch_size else max(1, int(round(min(h, w) * PATCH_FRACTION)))
         rows, cols = np.arange(h) // p, np.arange(w) // p
         per_pixel = rows[:, None] * (cols.max() + 1) + cols[None, :]
         ids = np.expand_dims(per_pixel, channel)
         return np.broadcast_to(ids, shape), int(per_pixel.max()) + 1
     count = int(np.prod(shape))
-    return np.arange(count).reshape(shape), count
+    ids = np.arange(count) // int(patch_size or 1)
+    return ids.reshape(shape), int(ids[-1]) + 1
 
 
-def _perturbation_curves(run, feeds, name, x, orders, ids, steps, fill, sel):
+def _fill_values(x, fill):
+    """What removed features are replaced by, one array per sample: a constant, or ("mean") the sample's own
+    mean per channel (per sample for vectors)."""
+    x = np.asarray(x)
+    if fill == "mean":
+        if x.ndim == 4:
+            channel, spatial = _image_axes(x.shape[1:])
+            means = x.mean(axis=tuple(1 + a for a in spatial), keepdims=True)
+        else:
+            means = x.reshape(len(x), -1).mean(1).reshape((len(x),) + (1,) * (x.ndim - 1))
+        return np.broadcast_to(means, x.shape).astype(x.dtype)
+    return np.full_like(x, float(fill))
+
+
+def _perturbation_curves(run, feeds, name, x, orders, ids, steps, fills, sel):
     """The explained logit after removing 0, 1/steps, ..., all patches in each order: (n, orders, steps+1)."""
     n, n_orders = len(x), orders.shape[1]
     count = orders.shape[2]
@@ -522,7 +640,7 @@ def _perturbation_curves(run, feeds, name, x, orders, ids, steps, fill, sel):
         for o in range(n_orders):
             for k, cut in enumerate(cuts):
                 removed = np.isin(ids, orders[i, o, :cut])
-                variants[i, o, k][removed] = fill
+                variants[i, o, k][removed] = fills[i][removed]
     rows = variants.reshape((-1,) + x.shape[1:])
     extra = {k: np.repeat(np.asarray(v), n_orders * (steps + 1), axis=0) for k, v in feeds.items() if k != name}
     out = np.concatenate([np.asarray(run({name: rows[j:j + 256], **{k: v[j:j + 256] for k, v in extra.items()}}),
@@ -540,16 +658,38 @@ def _abpc(morf, lerf, f0):
     return aopc, abpc
 
 
+def faithfulness_options(options=None):
+    """FAITHFULNESS_DEFAULTS updated by ``options``, checked: ValueError naming the option."""
+    opts = dict(FAITHFULNESS_DEFAULTS)
+    unknown = set(options or {}) - set(opts)
+    if unknown:
+        raise ValueError(f"unknown faithfulness options {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update({k: v for k, v in (options or {}).items() if v is not None or k == "patch_size"})
+    for key in ("steps", "random_orders"):
+        if isinstance(opts[key], bool) or not isinstance(opts[key], (int, np.integer)) or opts[key] < 1:
+            raise ValueError(f"faithfulness option {key} must be a positive integer, got {opts[key]!r}")
+    if opts["patch_size"] is not None and (isinstance(opts["patch_size"], bool) or
+                                           not isinstance(opts["patch_size"], (int, np.integer)) or
+                                           opts["patch_size"] < 1):
+        raise ValueError(f"faithfulness option patch_size must be a positive integer, got {opts['patch_size']!r}")
+    fill = opts["fill"]
+    if fill != "mean" and (isinstance(fill, bool) or not isinstance(fill, (int, float, np.floating, np.integer))
+                           or not np.isfinite(fill)):
+        raise ValueError(f"faithfulness option fill must be a finite number or 'mean', got {fill!r}")
+    return opts
+
+
 @_timed
-def _faithfulness(analyzer, model, x, feeds_inputs, expl, margin, seed):
-    from .gradients import InputTimesGradient
+def _faithfulness(analyzer, model, x, feeds_inputs, expl, margin, seed, opts):
     if analyzer.token_input or analyzer.sequence_output:
         return CheckResult("faithfulness", "skip", "token models: their ids cannot be perturbed continuously")
     try:
         run, what = _original_outputs(model, analyzer.output_name)
     except Exception as exc:  # noqa: BLE001
         return CheckResult("faithfulness", "skip", f"onnxruntime cannot run the original file: {str(exc).splitlines()[0]}")
-    ids, count = _patch_ids(x.shape[1:])
+    ids, count = _patch_ids(x.shape[1:], opts["patch_size"])
+    steps, fill, n_random = opts["steps"], opts["fill"], opts["random_orders"]
+    fills = _fill_values(x, fill)
     sel = np.asarray(expl.output_selection).reshape(-1)
     n = len(x)
 
@@ -563,21 +703,22 @@ def _faithfulness(analyzer, model, x, feeds_inputs, expl, margin, seed):
     f0 = np.asarray(run(feeds), np.float64).reshape(n, -1)[np.arange(n), sel]
     curves = {}
     curves["relevance"] = _perturbation_curves(run, feeds, analyzer.data_input, x, orders_of(expl.val), ids,
-                                               FAITHFULNESS_STEPS, FILL_VALUE, sel)
+                                               steps, fills, sel)
     rng = np.random.default_rng(seed)
-    random_orders = np.stack([np.stack([rng.permutation(count) for _ in range(RANDOM_ORDERS)]) for _ in range(n)])
-    random = _perturbation_curves(run, feeds, analyzer.data_input, x, random_orders, ids, FAITHFULNESS_STEPS,
-                                  FILL_VALUE, sel)
+    # an even count: the random orders are paired, one as MoRF and one as LeRF
+    random_orders = np.stack([np.stack([rng.permutation(count) for _ in range(2 * ((n_random + 1) // 2))])
+                              for _ in range(n)])
+    random = _perturbation_curves(run, feeds, analyzer.data_input, x, random_orders, ids, steps, fills, sel)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LRPWarning)
-            gxi = InputTimesGradient(model, **_twin_kwargs(analyzer)).analyze(x, sel, inputs=feeds_inputs).val
+            gxi = _gradient_twin(analyzer, model, "float32").analyze(x, sel, inputs=feeds_inputs).val
         curves["gradient_x_input"] = _perturbation_curves(run, feeds, analyzer.data_input, x, orders_of(gxi), ids,
-                                                          FAITHFULNESS_STEPS, FILL_VALUE, sel)
+                                                          steps, fills, sel)
     except Exception:  # noqa: BLE001 - no gradient graph (an op without a derivative): reported without it
         pass
-    figures = {"compared": what, "patches": count, "steps": FAITHFULNESS_STEPS, "fill": FILL_VALUE,
-               "random_orders": RANDOM_ORDERS, "margin": margin}
+    figures = {"compared": what, "patches": count, "patch_size": opts["patch_size"], "steps": steps, "fill": fill,
+               "random_orders": random_orders.shape[1], "margin": margin}
     for key, c in curves.items():
         aopc, abpc = _abpc(c[:, 0], c[:, 1], f0)
         figures[key] = {"aopc_morf": float(aopc.mean()), "abpc": float(abpc.mean()),
@@ -586,22 +727,39 @@ def _faithfulness(analyzer, model, x, feeds_inputs, expl, margin, seed):
     r_aopc, r_abpc = _abpc(random[:, 0::2].mean(1), random[:, 1::2].mean(1), f0)
     figures["random"] = {"aopc_morf": float(r_aopc.mean()), "abpc": float(r_abpc.mean()),
                          "curve": random.mean((0, 1)).tolist()}
+    # how far removing patches moves the output at all: a model whose output ignores its input (a
+    # constant-weight zoo file, where biases carry the logit) ranks no order above another
+    moved = max(float(np.max(np.abs(c - f0[:, None, None]))) for c in (*curves.values(), random))
+    figures["largest_change_over_f"] = moved / max(float(np.abs(f0).max()), 1e-30)
+    if not figures["largest_change_over_f"] > INSENSITIVE:
+        return CheckResult("faithfulness", "skip", f"removing patches changes the explained output by at most "
+                           f"{figures['largest_change_over_f']:.2g} of |f(x)|: the output does not depend on the "
+                           "input, so no order of removal can be told from another", figures)
     ours, chance = figures["relevance"]["abpc"], figures["random"]["abpc"]
     ok = ours > chance + margin
     extra = (f", gradient x input {figures['gradient_x_input']['abpc']:.3g}" if "gradient_x_input" in figures else "")
     return CheckResult("faithfulness", "pass" if ok else "fail",
                        f"ABPC {ours:.3g} of |f(x)| against {chance:.3g} for random orders{extra} ({count} patches, "
-                       f"{FAITHFULNESS_STEPS} steps, fill {FILL_VALUE:g}; AOPC of MoRF "
+                       f"{steps} steps, fill {fill}; AOPC of MoRF "
                        f"{figures['relevance']['aopc_morf']:.3g})", figures)
 
 
 # -- the audit ------------------------------------------------------------------------------------------------
 def audit(model, rules_or_composite=None, *, inputs=None, other_inputs=None, samples=4, seed=0, input_shape=None,
           output_selection=None, output_name=None, input_name=None, thresholds=None, precision_check=True,
-          fail_on=CHECKS, skip_checks=False) -> AuditReport:
+          fail_on=CHECKS, skip_checks=False, faithfulness=None, baseline=None, compare=None,
+          rules_description=None, on_check=None) -> AuditReport:
     """Audit ``model`` under ``rules_or_composite`` (LRP's default rules when None) on ``inputs`` (an array
-    with a batch axis; default: ``samples`` seeded synthetic inputs, see synthetic_inputs). Returns an
-    AuditReport (``.passed``, ``.checks``, ``.table()``, ``.to_json()``, ``.to_junit()``)."""
+    with a batch axis, or a function that takes the analyzer and returns one; default: the baseline's
+    inputs, else ``samples`` seeded synthetic inputs, see synthetic_inputs). Returns an AuditReport (``.passed``, ``.checks``, ``.table()``, ``.to_json()``,
+    ``.to_junit()``, ``.save_baseline(path)``, ``.write_report(folder)``).
+
+    ``thresholds``: bounds per check (DEFAULT_THRESHOLDS). ``faithfulness``: region perturbation options
+    (FAITHFULNESS_DEFAULTS). ``baseline``: a baseline file (or a loaded drift.Baseline) of an earlier audit;
+    its inputs and classes are used unless ``inputs``/``output_selection`` are given. ``compare``: another
+    export of the same model, explained on the same inputs and classes. ``on_check(name)`` is called as
+    each check starts (progress)."""
+    from .drift import Baseline, load_baseline
     limits = dict(DEFAULT_THRESHOLDS)
     unknown = set(thresholds or {}) - set(limits)
     if unknown:
@@ -610,12 +768,16 @@ def audit(model, rules_or_composite=None, *, inputs=None, other_inputs=None, sam
     unknown = set(fail_on) - set(CHECKS)
     if unknown:
         raise ValueError(f"unknown audit checks {sorted(unknown)}; known: {list(CHECKS)}")
+    opts = faithfulness_options(faithfulness)
+    if baseline is not None and not isinstance(baseline, Baseline):
+        baseline = load_baseline(baseline)
     source = str(model) if not hasattr(model, "SerializeToString") else "<ModelProto>"
-    rules_desc = _describe_rules(rules_or_composite)
+    rules_desc = rules_description or _describe_rules(rules_or_composite)
     kw = dict(verbose=False, device="cpu", input_name=input_name, output_name=output_name, skip_checks=skip_checks)
     with np.errstate(all="ignore"):  # NaN and overflow are what the checks report, not numpy warnings
         return _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inputs, samples, seed,
-                      input_shape, output_selection, limits, precision_check, fail_on)
+                      input_shape, output_selection, limits, precision_check, fail_on, opts, baseline, compare,
+                      on_check or (lambda name: None))
 
 
 def _describe_rules(spec):
@@ -627,8 +789,10 @@ def _describe_rules(spec):
 
 
 def _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inputs, samples, seed, input_shape,
-           output_selection, limits, precision_check, fail_on):
-    from .analyzer import LRP
+           output_selection, limits, precision_check, fail_on, opts, baseline, compare, on_check):
+    from ..analyzer import LRP
+    from ..images import detect_layout
+    from .drift import _file_sha256, compare_check, layer_fingerprints, regression_check
     try:
         analyzer = LRP(model, rules_or_composite, **kw)
     except UnsupportedModelError as exc:
@@ -637,32 +801,64 @@ def _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inpu
                               + ("; ..." if len(nodes) > 5 else ""), {"unsupported": nodes})]
         checks += [CheckResult(name, "skip", "no relevance graph (coverage failed)") for name in CHECKS[1:]]
         return AuditReport(source, rules_desc, "-", checks, tuple(fail_on))
-    if inputs is None:
-        x = synthetic_inputs(analyzer, samples, seed, input_shape)
-        described = f"{len(x)} synthetic (seed {seed}, {'token ids' if analyzer.token_input else 'standard normal'})"
-    else:
+    feeds_inputs = dict(other_inputs or {})
+    if callable(inputs):
+        inputs = inputs(analyzer)
+    if inputs is not None:
         x = np.asarray(inputs)
         described = f"{len(x)} given"
-    feeds_inputs = dict(other_inputs or {})
-    checks = [_coverage(analyzer)]
+    elif baseline is not None:
+        x, described = baseline.inputs, f"{len(baseline.inputs)} of the baseline {baseline.describe()}"
+        feeds_inputs = {**baseline.other_inputs, **feeds_inputs}
+        if output_selection is None:
+            output_selection = baseline.output_selection
+    else:
+        x = synthetic_inputs(analyzer, samples, seed, input_shape)
+        described = f"{len(x)} synthetic (seed {seed}, {'token ids' if analyzer.token_input else 'standard normal'})"
+    checks = []
+
+    def run(name, fn, *args):
+        on_check(name)
+        checks.append(fn(*args))
+    run("coverage", _coverage, analyzer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LRPWarning)  # health reports these
         expl = analyzer.analyze(x, output_selection, inputs=feeds_inputs)
     selection = np.asarray(expl.output_selection)
     feeds = analyzer._feeds(analyzer._check_input(x), selection, feeds_inputs,
                             analyzer._out_shapes.get(tuple(x.shape[1:])))
-    checks.append(_forward(analyzer, model, feeds, expl, limits["forward_rtol"]))
-    checks.append(_conservation(analyzer, model, x, feeds_inputs, limits["conservation_tol"], selection))
-    checks.append(_identity(analyzer, model, x, feeds_inputs, limits["identity_rtol"], selection))
-    checks.append(_health(analyzer, x, feeds, expl, limits["explosion"]))
+    run("forward", _forward, analyzer, model, feeds, expl, limits["forward_rtol"])
+    run("conservation", _conservation, analyzer, model, x, feeds_inputs, limits["conservation_tol"], selection)
+    run("identity", _identity, analyzer, model, x, feeds_inputs, limits["identity_rtol"], selection)
+    run("health", _health, analyzer, x, feeds, expl, limits["explosion"])
     if precision_check:
-        checks.append(_precision(analyzer, model, rules_or_composite, x, feeds_inputs, expl, limits["precision_rtol"]))
+        run("precision", _precision, analyzer, model, rules_or_composite, x, feeds_inputs, expl,
+            limits["precision_rtol"])
     else:
         checks.append(CheckResult("precision", "skip", "not asked for"))
-    checks.append(_faithfulness(analyzer, model, analyzer._check_input(x), feeds_inputs, expl,
-                                limits["faithfulness_margin"], seed))
-    return AuditReport(source, rules_desc, described, checks, tuple(fail_on))
+    run("faithfulness", _faithfulness, analyzer, model, analyzer._check_input(x), feeds_inputs, expl,
+        limits["faithfulness_margin"], seed, opts)
+    shape = analyzer.input_shape
+    data = {"inputs": np.asarray(x), "other_inputs": {k: np.asarray(v) for k, v in feeds_inputs.items()},
+            "output": np.asarray(expl.output), "output_selection": selection.astype(np.int64),
+            "relevance": np.asarray(expl.val), "layers": layer_fingerprints(analyzer), "model_sha256":
+            _file_sha256(model), "token_input": analyzer.token_input,
+            "layout": detect_layout(shape) if shape is not None and len(shape) == 4 and not analyzer.token_input
+            else None}
+    for layer, rule in zip(data["layers"], analyzer.rules):
+        layer["rule"] = repr(rule)
+    report = AuditReport(source, rules_desc, described, checks, tuple(fail_on), data)
+    if baseline is not None:
+        run("regression", _timed(regression_check), report, baseline, limits)
+    else:
+        checks.append(CheckResult("regression", "skip", "no baseline given (--baseline FILE; --update-baseline "
+                                  "writes one)"))
+    if compare is not None:
+        run("compare", _timed(compare_check), analyzer, compare, rules_or_composite, x, feeds_inputs, expl, limits)
+    else:
+        checks.append(CheckResult("compare", "skip", "no other export given (--compare OTHER.onnx)"))
+    return report
 
 
-__all__ = ["AuditReport", "CheckResult", "CHECKS", "DEFAULT_THRESHOLDS", "audit", "conservative_rules",
-           "synthetic_inputs", "without_biases"]
+__all__ = ["AuditReport", "CheckResult", "CHECKS", "DEFAULT_THRESHOLDS", "FAITHFULNESS_DEFAULTS", "audit",
+           "conservative_rules", "faithfulness_options", "synthetic_inputs", "without_biases"]
