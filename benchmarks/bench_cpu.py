@@ -247,6 +247,7 @@ def phase_onnxlrp(cfg):
 
     analyzer, res = _measure(setup, lambda an: an.analyze(x), cfg["warmup"], cfg["repeats"], base)
     res["relevance_nodes"] = len(analyzer.relevance_model.graph.node)
+    res["construction_phases"] = {k: round(v, 2) for k, v in analyzer.construction_times.items()}
     return res
 
 
@@ -582,6 +583,9 @@ def report(info, results, sanity, profiles, markdown, profile_batch, profile_top
     print_table(SETUP_HEADERS, setup_rows(results), markdown)
     print()
     print_table(MEMORY_HEADERS, memory_rows(results), markdown)
+    print("\nonnxlrp construction phases (s): " + "; ".join(
+        f"{m} b{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["onnxlrp"].get("construction_phases", {}).items())
+        for (m, b), r in results.items() if isinstance(r.get("onnxlrp"), dict)))
     print("\nlatency = median per call after warmup; img/s = batch / median latency. Each phase runs in its own "
           "spawned process: peak MiB = its ru_maxrss (whole phase); base = after imports; setup peak = high-water "
           "mark through setup (ORT: session creation; onnxlrp: load + canonize + emit + session; zennit: model "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -20,7 +21,7 @@ from .precision import ReferenceSession, cast_floats, check_precision, lower_dou
 from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
                        export_relevance_model)
 from .rules import AlphaBetaRule, Rule
-from .runtime import cuda_provider_options, make_session, session_device
+from .runtime import cuda_provider_options, detach_weights, make_session, session_device
 
 GRAPH_DOC = """{title}.
 Inputs:
@@ -87,12 +88,18 @@ class LRP:
         self._model, self._input_name = model, input_name  # read again for other input shapes
         self.output_name = output_name
         self._max_fold_bytes = max_fold_bytes
+        #: seconds per construction phase: load (read, check, shape inference, constant folding), canonize,
+        #: layers (and rules), then per emitted graph emit, serialize and session (onnxruntime's setup)
+        self.construction_times = {}
+        clock = time.perf_counter()
         loaded = self._load(None)
+        clock = self._lap("load", clock)
         if verbose and len(self.model_outputs) > 1 and output_name is None:
             print(f"onnxlrp: {self.source} has {len(self.model_outputs)} outputs "
                   f"({', '.join(self.model_outputs)}); explaining '{self.output_name}' (choose another with "
                   "output_name=)", file=sys.stderr)
         self.canonization = canonize_graph(loaded.graph)
+        clock = self._lap("canonize", clock)
         self.data_input = loaded.data_input
         self.other_inputs = loaded.other_inputs
         self.opset = loaded.opset
@@ -110,6 +117,7 @@ class LRP:
         self.layers = build_layers(loaded.graph, self.explained, strict=not skip_checks, gradient=self._gradient)
         self.rules = self._resolve_rules(rules_or_composite)
         _confirm_relu_outputs(self.layers, self.rules)
+        self._lap("layers", clock)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
         self._canonical_shape = tuple(x.shape[1:]) if x.shape is not None else None
         self.input_shape = loaded.declared_shape
@@ -130,6 +138,11 @@ class LRP:
         self._diagnosis = {}  # the probe analyzer and the forward session, built once when first needed
         if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
             self._build(tuple(self.input_shape[1:]))
+
+    def _lap(self, phase, since):
+        now = time.perf_counter()
+        self.construction_times[phase] = self.construction_times.get(phase, 0.0) + now - since
+        return now
 
     # -- rules -----------------------------------------------------------------------------------------
     def _resolve_rules(self, spec):
@@ -185,14 +198,21 @@ class LRP:
         key = feature_shape if concept_layer is None else (feature_shape, concept_layer)
         if key in built:
             return built[key]
+        clock = time.perf_counter()
         graph, doc = self._emit(feature_shape, concept_layer)
+        clock = self._lap("emit", clock)
+        # float32: the weights go to the session as arrays, not through protobuf (float64 may need the
+        # whole bytes for onnx's reference evaluator)
+        weights = detach_weights(graph) if self._dtype == np.float32 else None
         model_bytes = export_relevance_model(graph, self.opset, doc).SerializeToString()  # the proto goes
         self._out_shapes[feature_shape] = tuple(graph.outputs[0].shape) if graph.outputs[0].shape else None
-        # The session holds what it needs; the emitted graph (with its modified weights) is let go, and
+        # The session holds what it needs (and the detached arrays); the emitted graph is let go, and
         # relevance_model / save emit it again.
         del graph
-        session = self._session(model_bytes)
-        del model_bytes
+        clock = self._lap("serialize", clock)
+        session = self._session(model_bytes, weights)
+        self._lap("session", clock)
+        del model_bytes, weights
         built[key] = ((feature_shape, concept_layer), session)
         return built[key]
 
@@ -230,9 +250,10 @@ class LRP:
             lower_double_ops(graph)
         return graph, doc
 
-    def _session(self, model_bytes):
+    def _session(self, model_bytes, weights=None):
         try:
-            return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options)
+            return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options,
+                                weights=weights)
         except (ort.capi.onnxruntime_pybind11_state.NotImplemented,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
             if self._dtype != np.float64 or ("tensor(double)" not in str(e) and "implementation for" not in str(e)):

@@ -63,7 +63,7 @@ def plot_relevance(data, path):
     n = min(len(rel), MAX_SAMPLES_SHOWN)
     layout = data.get("layout")
     if layout and rel.ndim == 4:  # images: the input and its heatmap, per sample
-        fig, axes = plt.subplots(n, 2, figsize=(7.5, 3.4 * n), squeeze=False)
+        fig, axes = plt.subplots(n, 2, figsize=(7.5, 3.4 * n), squeeze=False, layout="constrained")
         for i in range(n):
             lo, hi = value_range(rel[i:i + 1], "centered")
             img = heatmap(rel[i:i + 1], layout=layout)[0]
@@ -80,7 +80,7 @@ def plot_relevance(data, path):
         per_feature = rel.reshape(len(rel), rel.shape[1], -1).sum(-1) if data.get("token_input") else \
             rel.reshape(len(rel), -1)
         what = "token" if data.get("token_input") else "input feature"
-        fig, axes = plt.subplots(n, 1, figsize=(9, 2.4 * n), squeeze=False)
+        fig, axes = plt.subplots(n, 1, figsize=(9, 2.6 * n), squeeze=False, layout="constrained")
         for i in range(n):
             v = per_feature[i]
             ax = axes[i, 0]
@@ -88,7 +88,9 @@ def plot_relevance(data, path):
             ax.axhline(0, color="black", linewidth=0.6)
             ax.set_title(_sample_title(data, i).replace("\n", "; "), fontsize=9)
             ax.set_ylabel("relevance")
-        axes[-1, 0].set_xlabel(what)
+            if data.get("token_input") and len(v) <= 64:  # which token each bar is: position and id
+                ax.set_xticks(np.arange(len(v)), [f"{t}\n{int(tok)}" for t, tok in enumerate(x[i])], fontsize=7)
+        axes[-1, 0].set_xlabel(what + (" (position, id)" if data.get("token_input") else ""))
     fig.suptitle("Relevance of the audit inputs" + (f" (first {n} of {len(rel)})" if len(rel) > n else ""))
     _save(fig, path)
     return True
@@ -141,7 +143,7 @@ def plot_conservation(figures, path):
     shown = np.where(np.isfinite(err), np.maximum(err, 1e-17), np.nan)
     right.barh(y, np.nan_to_num(shown, nan=0.0), color=np.where(err > tol, "#cf222e", "#2ca02c"), log=True)
     right.axvline(tol, color="#cf222e", linestyle="--", label=f"bound {tol:g}")
-    right.set_xlabel("conservative twin: |sum R_in - sum R_out| / sum |R| (log)")
+    right.set_xlabel("conservative twin: |sum R_in - sum R_out| / sum |R| (log; 0 drawn at 1e-17)")
     right.legend(fontsize=8)
     fig.suptitle("Conservation per layer (output at the bottom)")
     _save(fig, path)
