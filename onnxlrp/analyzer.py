@@ -419,9 +419,10 @@ class LRP:
     def _describe(layer):
         return f"layer {layer.index} '{layer.name}' ({layer.op_type})"
 
-    def _layer_outputs(self, feeds):
+    def _layer_outputs(self, feeds, rows=slice(None)):
         """Each layer's first output (in layer order) on ``feeds``, from the canonized graph run by plain
-        onnxruntime (the session is built once): what the rules divide by, and where an overflow starts."""
+        onnxruntime (the session is built once): what the rules divide by, and where an overflow starts.
+        ``rows``: which samples (a slice of the batch)."""
         layers = sorted(self.layers, key=lambda l: l.index)
         if "forward" not in self._diagnosis:
             import onnx_graphsurgeon as gs
@@ -435,14 +436,14 @@ class LRP:
                                                       verbose=False)
         session = self._diagnosis["forward"]
         wanted = {i.name for i in session.get_inputs()}
-        return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        return session.run(None, {k: np.asarray(v)[rows] for k, v in feeds.items() if k in wanted})
 
     def _overflow_reason(self, feeds, index):
         """Why the forward pass is not finite: the first layer whose output overflows (the input is finite)."""
         reason = "the model's output is not finite (NaN or infinite values: its forward pass overflows float32)"
         layers = sorted(self.layers, key=lambda l: l.index)
         try:
-            values = self._layer_outputs({k: np.asarray(v)[index:index + 1] for k, v in feeds.items()})
+            values = self._layer_outputs(feeds, slice(index, index + 1))
         except Exception:  # the diagnosis is best effort; the fact stands without it
             return reason
         for layer, value in zip(layers, values):
