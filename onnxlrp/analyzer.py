@@ -432,8 +432,9 @@ class LRP:
             for t in outs:
                 t.dtype = t.dtype or self._dtype
             graph.outputs = outs
+            weights = detach_weights(graph)  # as for the relevance graph: no protobuf copy of the weights
             self._diagnosis["forward"] = make_session(gs.export_onnx(graph).SerializeToString(), "cpu",
-                                                      verbose=False)
+                                                      verbose=False, weights=weights)
         session = self._diagnosis["forward"]
         wanted = {i.name for i in session.get_inputs()}
         return session.run(None, {k: np.asarray(v)[rows] for k, v in feeds.items() if k in wanted})
