@@ -11,17 +11,17 @@
 - identity      on piecewise-linear graphs, LRP-0 seeded with the output's value against the emitted
                 gradient graph's gradient x input (onnxlrp.gradients): no framework needed
 - health        NaN/Inf (the layer where it starts), sum |R| against the seed (above ``explosion`` x is an
-                explosion: the layer that multiplies most), the share of exactly-zero relevance
+                explosion: the layer that multiplies most), the share of exactly-zero relevance, and where
+                |z| is below an LRP-0/Epsilon layer's stabilizer on outputs that carry relevance
 - precision     the composite in float64 against float32: rounding told apart from rule effects
 - faithfulness  region perturbation (Samek et al. 2017): patches removed most-relevant-first (MoRF) and
                 least-relevant-first (LeRF), the explained logit after each step from the original file in
                 plain onnxruntime; AOPC and ABPC = AUC(LeRF) - AUC(MoRF) (per sample, over |f(x)|) against
                 random orders (ABPC ~ 0) and gradient x input. Passes when the relevance's ABPC beats the
                 random orders' by ``faithfulness_margin``
-
 - regression    against a stored earlier audit (a baseline, see drift.py): per-sample relative L2 of the
                 relevance, overlap of the most relevant features, the outputs; names the layers whose
-                parameters changed
+                parameters or rules changed
 - compare       another export of the same model (legacy vs dynamo, fp32 vs fp16, optimized vs not) explained
                 on the same inputs and classes: outputs and relevance must agree within the same bounds
 
@@ -845,8 +845,6 @@ def _audit(model, rules_or_composite, source, rules_desc, kw, inputs, other_inpu
             _file_sha256(model), "token_input": analyzer.token_input,
             "layout": detect_layout(shape) if shape is not None and len(shape) == 4 and not analyzer.token_input
             else None}
-    for layer, rule in zip(data["layers"], analyzer.rules):
-        layer["rule"] = repr(rule)
     report = AuditReport(source, rules_desc, described, checks, tuple(fail_on), data)
     if baseline is not None:
         run("regression", _timed(regression_check), report, baseline, limits)

@@ -81,11 +81,11 @@ def decode_array(obj, what, path) -> np.ndarray:
 
 # -- what a baseline holds ------------------------------------------------------------------------------------
 def layer_fingerprints(analyzer) -> list:
-    """Per layer of the canonized model: index, name, op and a hash of its parameters (the constant operands
-    of its nodes, after canonization, so a fused BatchNorm counts in its convolution)."""
+    """Per layer of the canonized model: index, name, op, its rule and a hash of its parameters (the constant
+    operands of its nodes, after canonization, so a fused BatchNorm counts in its convolution)."""
     import onnx_graphsurgeon as gs
     out = []
-    for layer in analyzer.layers:
+    for layer, rule in zip(analyzer.layers, analyzer.rules):
         digest = hashlib.sha256()
         for node in layer.nodes:
             for t in node.inputs:
@@ -94,7 +94,7 @@ def layer_fingerprints(analyzer) -> list:
                     digest.update(f"{values.dtype.str}{values.shape}".encode())
                     digest.update(values.tobytes())
         out.append({"index": layer.index, "name": layer.name, "op": layer.op_type,
-                    "params": digest.hexdigest()[:16]})
+                    "params": digest.hexdigest()[:16], "rule": repr(rule)})
     return out
 
 

@@ -55,15 +55,18 @@ def _csv_checks(ctx, param, value):
 
 
 def _fill(value):
+    """--fill as faithfulness_options takes it: 'mean' or a number, checked there (a usage error here)."""
+    from ..auditing import faithfulness_options
     if value is None or value == "mean":
         return value
     try:
         number = float(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither a number nor 'mean'", param_hint="--fill") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise click.BadParameter(f"{value!r} is not finite", param_hint="--fill")
-    return number
+    try:
+        return faithfulness_options({"fill": number})["fill"]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fill") from None
 
 
 def _read_config(ctx, param, path):
