@@ -7,7 +7,9 @@ For every model and batch size (224x224 inputs) three phases are measured:
            default intra-op threads)
   onnxlrp  ``onnxlrp.LRP(path, EpsilonGammaBox(-3, 3)).analyze(x)`` (construction = load + canonize +
            emit + session creation, reported separately, not in the per-call latency); ``--composite``
-           times another composite (with --skip-zennit)
+           times another composite (with --skip-zennit); with the cache off: a cold start
+  onnxlrp_cached  the same, constructed again from onnxlrp's on-disk cache (an entry written beforehand
+           in a temporary folder): the second start's construction time and memory
   zennit   Zennit ``EpsilonGammaBox(low=-3, high=3)`` (ZBox on the first conv, Gamma(0.25) on the other
            convs, Epsilon on Linear, Norm on avgpool and residual sums, Pass on activations; BN merged by
            an exact SequentialMergeBatchNorm, residual adds routed through zennit.layer.Sum; stabilizers as
@@ -44,6 +46,7 @@ import os
 import platform
 import resource
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -240,15 +243,40 @@ def phase_onnxlrp(cfg):
     base = _maxrss_mib()
     x = make_input(cfg["batch"])
 
-    def setup():  # load + canonize + emit the relevance graph + create its session
+    def setup():  # load + canonize + emit the relevance graph + create its session (no cache: a cold start)
         t0 = time.perf_counter()
-        analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu")
+        analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu", cache=False)
         return analyzer, time.perf_counter() - t0
 
     analyzer, res = _measure(setup, lambda an: an.analyze(x), cfg["warmup"], cfg["repeats"], base)
     res["relevance_nodes"] = len(analyzer.relevance_model.graph.node)
     res["construction_phases"] = {k: round(v, 2) for k, v in analyzer.construction_times.items()}
     return res
+
+
+def phase_onnxlrp_cached(cfg):
+    """onnxlrp constructed a second time: the relevance graph from onnxlrp's cache (written beforehand in
+    another process, outside the timing), then the same calls."""
+    import onnxlrp
+    base = _maxrss_mib()
+    x = make_input(cfg["batch"])
+
+    def setup():
+        t0 = time.perf_counter()
+        analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu", cache=cfg["lrp_cache"])
+        return analyzer, time.perf_counter() - t0
+
+    analyzer, res = _measure(setup, lambda an: an.analyze(x), cfg["warmup"], cfg["repeats"], base)
+    res["cache_status"] = analyzer.cache_status
+    return res
+
+
+def phase_write_cache(cfg):
+    import onnxlrp
+    analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu", cache=cfg["lrp_cache"])
+    for pending in analyzer._cache_writes:
+        pending.wait()
+    return {"cache_status": analyzer.cache_status}
 
 
 def phase_zennit(cfg):
@@ -375,7 +403,8 @@ def _summarize_profile(events, runs):
                 top_nodes=top_nodes)
 
 
-PHASES = {"fwd": phase_fwd, "onnxlrp": phase_onnxlrp, "zennit": phase_zennit, "sanity": phase_sanity,
+PHASES = {"fwd": phase_fwd, "onnxlrp": phase_onnxlrp, "onnxlrp_cached": phase_onnxlrp_cached,
+          "write_cache": phase_write_cache, "zennit": phase_zennit, "sanity": phase_sanity,
           "profile": phase_profile}
 
 
@@ -512,12 +541,13 @@ def _spread(res, k):
 
 def setup_rows(results):
     return [[model, str(batch), _get(res, "fwd", "setup"), _get(res, "onnxlrp", "setup"),
-             _get(res, "zennit", "setup", spec=".3f"), _get(res, "onnxlrp", "first", 1e3, ".0f"),
+             _get(res, "onnxlrp_cached", "setup"), _get(res, "zennit", "setup", spec=".3f"), _get(res, "onnxlrp", "first", 1e3, ".0f"),
              _spread(res, "fwd"), _spread(res, "onnxlrp"), _spread(res, "zennit")]
             for (model, batch), res in results.items()]
 
 
-SETUP_HEADERS = ["model", "batch", "ORT session s", "onnxlrp construct s", "zennit register s",
+SETUP_HEADERS = ["model", "batch", "ORT session s", "onnxlrp construct s", "onnxlrp cached construct s",
+                 "zennit register s",
                  "onnxlrp 1st call ms", "fwd min-max ms", "onnxlrp min-max ms", "zennit min-max ms"]
 
 
@@ -525,13 +555,13 @@ def memory_rows(results):
     rows = []
     for (model, batch), res in results.items():
         row = [model, str(batch)]
-        for k in ("fwd", "onnxlrp", "zennit"):
+        for k in ("fwd", "onnxlrp", "onnxlrp_cached", "zennit"):
             row += [_get(res, k, f, 1, ".0f") for f in ("base_rss", "setup_rss", "run_rss")]
         rows.append(row)
     return rows
 
 
-MEMORY_HEADERS = ["model", "batch"] + [f"{k} {f} MiB" for k in ("fwd", "onnxlrp", "zennit")
+MEMORY_HEADERS = ["model", "batch"] + [f"{k} {f} MiB" for k in ("fwd", "onnxlrp", "onnxlrp_cached", "zennit")
                                        for f in ("base", "setup peak", "calls peak")]
 
 
@@ -696,7 +726,9 @@ def main(argv=None):
     results, sanity, profiles = {}, {}, {}
     for m in models:
         base = dict(model=m, onnx=str(paths[m]), threads=threads, warmup=args.warmup, repeats=args.repeats,
-                    zennit_gamma=args.zennit_gamma, cache_dir=str(cache_dir), composite=args.composite)
+                    zennit_gamma=args.zennit_gamma, cache_dir=str(cache_dir), composite=args.composite,
+                    lrp_cache=tempfile.mkdtemp(prefix="onnxlrp_bench_cache_"))
+        run_phase("write_cache", base)  # the entry the cached phase reads (the input shape is the model's)
         if not args.skip_zennit and not args.skip_sanity:
             variants = ["generalized", "plain"]
             sanity[m] = run_phase("sanity", dict(base, batch=2, variants=variants))
@@ -704,7 +736,7 @@ def main(argv=None):
         for b in batches:
             cfg = dict(base, batch=b)
             res = {}
-            for phase in ("fwd", "onnxlrp") + (() if args.skip_zennit else ("zennit",)):
+            for phase in ("fwd", "onnxlrp", "onnxlrp_cached") + (() if args.skip_zennit else ("zennit",)):
                 t0 = time.perf_counter()
                 res[phase] = run_phase(phase, cfg)
                 print(f"[{m} b{b}] {phase}: median {_fmt(_med_ms(res[phase]), '.1f')} ms "
@@ -712,6 +744,7 @@ def main(argv=None):
             results[(m, b)] = res
         if args.profile:
             profiles[m] = run_phase("profile", dict(base, batch=min(batches), profile_runs=args.profile_runs))
+        shutil.rmtree(base["lrp_cache"], ignore_errors=True)
 
     info["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
     report(info, results, sanity, profiles, args.markdown, min(batches), args.profile_top)

@@ -1,6 +1,7 @@
 """The LRP analyzer: load, canonize, assign rules, emit one relevance graph, run it on onnxruntime."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -10,6 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .cache import WEIGHTS_FILE, ModelCache, Uncacheable, usable_root
+from .cache import describe as describe_for_cache
+from .cache import resolve as resolve_cache
 from .canonization import canonize_graph
 from .composite import Composite, GlobalMap, check_compatible, default_rules
 from .errors import InputError, LRPError, LRPWarning
@@ -21,7 +25,7 @@ from .precision import ReferenceSession, cast_floats, check_precision, lower_dou
 from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
                        export_relevance_model)
 from .rules import AlphaBetaRule, Rule
-from .runtime import cuda_provider_options, detach_weights, make_session, session_device
+from .runtime import check_device, cuda_provider_options, detach_weights, make_session, session_device, will_use_cuda
 
 GRAPH_DOC = """{title}.
 Inputs:
@@ -62,6 +66,9 @@ class LRP:
     ``max_fold_bytes`` raises the bound on one tensor that constant folding may create (default 1 GiB, or
     $ONNXLRP_MAX_FOLD_BYTES: a small file must not make loading allocate gigabytes).
 
+    ``cache`` (default True): keep the relevance graph on disk and take it from there when the same file is
+    analyzed again with the same rules (onnxlrp.cache; a folder path puts it there, False turns it off).
+
     ``precision="float64"`` runs everything in double (canonization, modified weights, the relevance graph),
     to tell float32 rounding apart from rule effects; ops onnxruntime has no double kernel for are lowered to
     ones it has, and a graph that still needs one runs on onnx's reference evaluator (slow, for verification).
@@ -81,42 +88,72 @@ class LRP:
 
     def __init__(self, model, rules_or_composite=None, *, normalize_output_relevance=True, skip_checks=False,
                  verbose=True, device="auto", input_name=None, layer_relevances=False, allow_tf32=False,
-                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32", output_name=None, max_fold_bytes=None):
+                 cudnn_conv_algo_search="EXHAUSTIVE", precision="float32", output_name=None, max_fold_bytes=None,
+                 cache=True):
         self.precision = precision
         self._dtype = check_precision(precision)
         self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
         self._model, self._input_name = model, input_name  # read again for other input shapes
         self.output_name = output_name
         self._max_fold_bytes = max_fold_bytes
+        self.normalize_output_relevance = bool(normalize_output_relevance)
+        self.skip_checks = skip_checks
+        self.verbose = verbose
+        check_device(device)  # before a cache hit skips making a session the usual way
+        self.device = device
+        self.layer_relevances = layer_relevances
+        self.cuda_options = cuda_provider_options(allow_tf32, cudnn_conv_algo_search)
+        self._rules_spec = rules_or_composite
+        # made from the model on a cache miss, or when first asked for after a hit (see the properties)
+        self._layers = self._rules = self._canonical_graph = self._canonization = None
+        self._built = {}
+        self._cache_writes = []  # cache entries being written (onnxlrp.cache.PendingEntry)
+        self._built_concepts = {}
+        self._out_shapes = {}
+        self._explosion_reported = False
+        self._nonfinite_warned = False
+        self._diagnosis = {}  # the probe analyzer and the forward session, built once when first needed
         #: seconds per construction phase: load (read, check, shape inference, constant folding), canonize,
-        #: layers (and rules), then per emitted graph emit, serialize and session (onnxruntime's setup)
+        #: layers (and rules), then per emitted graph emit, serialize and session (onnxruntime's setup); on a
+        #: cache hit: cache (the key and the entry) and session
         self.construction_times = {}
         clock = time.perf_counter()
-        loaded = self._load(None)
-        clock = self._lap("load", clock)
+        self._cache = self._open_cache(cache)
+        #: "hit" (the relevance graph came from onnxlrp.cache), "miss" (built, and written there) or why the
+        #: cache is not used
+        self.cache_status = "off" if self._cache is None else "miss"
+        if isinstance(self._cache, str):
+            self.cache_status, self._cache = self._cache, None
+        if not (self._cache is not None and self._cache_hit()):
+            if self._cache is not None:
+                self._lap("cache", clock)
+            self._construct()
+            if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
+                self._build(tuple(self.input_shape[1:]))
         if verbose and len(self.model_outputs) > 1 and output_name is None:
             print(f"onnxlrp: {self.source} has {len(self.model_outputs)} outputs "
                   f"({', '.join(self.model_outputs)}); explaining '{self.output_name}' (choose another with "
                   "output_name=)", file=sys.stderr)
-        self.canonization = canonize_graph(loaded.graph)
+
+    def _construct(self):
+        """Load, canonize, build the layers and resolve the rules (what a cache hit skips)."""
+        clock = time.perf_counter()
+        loaded = self._load(None)
+        clock = self._lap("load", clock)
+        self._canonization = canonize_graph(loaded.graph)
         clock = self._lap("canonize", clock)
         self.data_input = loaded.data_input
         self.other_inputs = loaded.other_inputs
         self.opset = loaded.opset
-        self.normalize_output_relevance = bool(normalize_output_relevance)
-        self.skip_checks = skip_checks
-        self.verbose = verbose
-        self.device = device
-        self.layer_relevances = layer_relevances
-        self.cuda_options = cuda_provider_options(allow_tf32, cudnn_conv_algo_search)
         #: the tensor whose relevance is returned: the data input, or a token model's embedding output
         self.explained = loaded.explained
         self.token_input = loaded.explained != loaded.data_input
         self.vocab_size = loaded.vocab_size
-        self._canonical = loaded.graph  # emission works on copies (they share the weight arrays)
-        self.layers = build_layers(loaded.graph, self.explained, strict=not skip_checks, gradient=self._gradient)
-        self.rules = self._resolve_rules(rules_or_composite)
-        _confirm_relu_outputs(self.layers, self.rules)
+        self._canonical_graph = loaded.graph  # emission works on copies (they share the weight arrays)
+        self._layers = build_layers(loaded.graph, self.explained, strict=not self.skip_checks,
+                                    gradient=self._gradient)
+        self._rules = self._resolve_rules(self._rules_spec)
+        _confirm_relu_outputs(self._layers, self._rules)
         self._lap("layers", clock)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
         self._canonical_shape = tuple(x.shape[1:]) if x.shape is not None else None
@@ -130,14 +167,107 @@ class LRP:
         self.sequence_output = self.token_input and self.output_shape is not None and len(self.output_shape) == 3
         if self.sequence_output:
             self.output_shape = (BATCH_DIM, "T") + tuple(self.output_shape[2:])
-        self._built = {}
-        self._built_concepts = {}
-        self._out_shapes = {}
-        self._explosion_reported = False
-        self._nonfinite_warned = False
-        self._diagnosis = {}  # the probe analyzer and the forward session, built once when first needed
-        if self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:]):
-            self._build(tuple(self.input_shape[1:]))
+
+    # -- what a cache hit makes only when asked ----------------------------------------------------------
+    def _materialized(self, name):
+        if self._layers is None:
+            self._materialize()
+        return getattr(self, name)
+
+    layers = property(lambda self: self._materialized("_layers"), doc="The layers after canonization.")
+    rules = property(lambda self: self._materialized("_rules"), doc="One rule per layer.")
+    canonization = property(lambda self: self._materialized("_canonization"),
+                            doc="What canonization changed (a summary).")
+    _canonical = property(lambda self: self._materialized("_canonical_graph"))
+
+    def _materialize(self):
+        """After a cache hit: make the canonized graph, layers and rules from the model, and check that they
+        agree with the entry (if not, it is removed and the relevance graphs are built again)."""
+        self._construct()
+        if self._metadata() != self._restored:
+            warnings.warn(f"{self.source}: the cache entry did not match the model; it was removed and the "
+                          "relevance graph is built again", LRPWarning, stacklevel=3)
+            if self._cache is not None:
+                self._cache.forget()
+            self._built.clear()
+            self._out_shapes.clear()
+
+    # -- the cache (onnxlrp.cache) -----------------------------------------------------------------------
+    def _open_cache(self, cache):
+        """A ModelCache, None (off) or why the cache is not used."""
+        root = resolve_cache(cache)
+        if root is None:
+            return None
+        if not isinstance(self._model, (str, os.PathLike)):
+            return "off (the model is a ModelProto: only files are cached)"
+        if self._dtype != np.float32:
+            return "off (float64 graphs are not cached)"
+        if self.device == "cuda" or will_use_cuda(self.device):  # "cuda" without CUDA must fail, not hit
+            return "off (CUDA sessions are not cached)"
+        try:
+            description = self._cache_description()
+        except Uncacheable as exc:
+            if self.verbose:
+                print(f"onnxlrp: the relevance graph is not cached: {exc}", file=sys.stderr)
+            return f"off ({exc})"
+        root = usable_root(root, self.verbose)
+        if root is None:
+            return "off (the cache folder is not usable)"
+        return ModelCache(root, self.source, description, self.verbose)
+
+    def _cache_description(self):
+        """What the relevance graph depends on besides the model and the input shape."""
+        sources = {}
+        options = {name: getattr(self, name) for name in (
+            "_input_name", "output_name", "skip_checks", "layer_relevances", "_max_fold_bytes", "_input_relevances",
+            "_gradient", "_times_input", "_selection_group", "_graph_title", "method_name", "heatmap_kind")}
+        return {"analyzer": describe_for_cache(type(self), sources),
+                "rules": describe_for_cache(self._rules_spec, sources),
+                "options": describe_for_cache(options, sources), "sources": sorted(sources.items())}
+
+    def _metadata(self):
+        """What the analyzer needs to run a relevance graph without the canonized model (JSON-able)."""
+        shape = lambda s: None if s is None else list(s)  # noqa: E731
+        meta = {"model_outputs": self.model_outputs, "output_name": self.output_name, "data_input": self.data_input,
+                "other_inputs": self.other_inputs, "opset": self.opset, "explained": self.explained,
+                "vocab_size": self.vocab_size, "input_shape": shape(self.input_shape),
+                "input_dtype": self.input_dtype.str, "output_shape": shape(self.output_shape),
+                "sequence_output": self.sequence_output, "canonical_shape": shape(self._canonical_shape),
+                "other_info": {k: [d.str, shape(s)] for k, (d, s) in self._other_info.items()},
+                "rules": self.rules_listing()}
+        return json.loads(json.dumps(meta))
+
+    def _restore(self, meta):
+        shape = lambda s: None if s is None else tuple(s)  # noqa: E731
+        self.model_outputs, self.output_name = list(meta["model_outputs"]), meta["output_name"]
+        self.data_input, self.other_inputs = meta["data_input"], list(meta["other_inputs"])
+        self.opset, self.explained, self.vocab_size = meta["opset"], meta["explained"], meta["vocab_size"]
+        self.token_input = self.explained != self.data_input
+        self.input_shape, self.output_shape = shape(meta["input_shape"]), shape(meta["output_shape"])
+        self.input_dtype = np.dtype(meta["input_dtype"])
+        self.sequence_output = bool(meta["sequence_output"])
+        self._canonical_shape = shape(meta["canonical_shape"])
+        self._other_info = {k: (np.dtype(d), shape(s)) for k, (d, s) in meta["other_info"].items()}
+        self._restored = json.loads(json.dumps(meta))
+
+    def _cache_hit(self):
+        """Take the relevance graph for the file's own input shape from the cache; False on a miss."""
+        clock = time.perf_counter()
+        found = self._cache.load(None, self.device, self.verbose)
+        if found is None:
+            return False
+        entry, session = found
+        try:
+            self._restore(entry.meta["analyzer"])
+            shape = self._canonical_shape
+            self._out_shapes[shape] = shape_of(entry.meta["output_shape"])
+        except (KeyError, TypeError, ValueError):
+            self._cache.forget()
+            return False
+        self._built[shape] = ((shape, None), session)
+        self.cache_status = "hit"
+        self._lap("cache", clock)
+        return True
 
     def _lap(self, phase, since):
         now = time.perf_counter()
@@ -199,6 +329,18 @@ class LRP:
         if key in built:
             return built[key]
         clock = time.perf_counter()
+        pending = None
+        if self._cache is not None and concept_layer is None:
+            # the file's own static shape has the key the construction looks for (a token model's canonical
+            # shape is only the length its layers were found with)
+            static = self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:])
+            shape_key = None if static and feature_shape == tuple(self.input_shape[1:]) else feature_shape
+            found = self._cache.load(shape_key, self.device, self.verbose) if shape_key is not None else None
+            if found is not None:
+                self._out_shapes[feature_shape] = shape_of(found[0].meta["output_shape"])
+                built[key] = ((feature_shape, None), found[1])
+                return built[key]
+            pending = self._cache.start_entry(shape_key)
         graph, doc = self._emit(feature_shape, concept_layer)
         clock = self._lap("emit", clock)
         # float32: the weights go to the session as arrays, not through protobuf (float64 may need the
@@ -210,7 +352,17 @@ class LRP:
         # relevance_model / save emit it again.
         del graph
         clock = self._lap("serialize", clock)
-        session = self._session(model_bytes, weights)
+        try:
+            session = self._session(model_bytes, weights, pending)
+        except BaseException:
+            if pending is not None:
+                pending.abandon()
+            raise
+        if pending is not None:
+            pending.finish({"analyzer": self._metadata(), "shape": list(feature_shape),
+                            "output_shape": None if self._out_shapes[feature_shape] is None else
+                            list(self._out_shapes[feature_shape])})
+            self._cache_writes.append(pending)
         self._lap("session", clock)
         del model_bytes, weights
         built[key] = ((feature_shape, concept_layer), session)
@@ -250,10 +402,11 @@ class LRP:
             lower_double_ops(graph)
         return graph, doc
 
-    def _session(self, model_bytes, weights=None):
+    def _session(self, model_bytes, weights=None, pending=None):
         try:
             return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options,
-                                weights=weights)
+                                weights=weights, save_to=None if pending is None else
+                                (pending.graph_path, WEIGHTS_FILE))
         except (ort.capi.onnxruntime_pybind11_state.NotImplemented,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
             if self._dtype != np.float64 or ("tensor(double)" not in str(e) and "implementation for" not in str(e)):
@@ -718,6 +871,10 @@ def _session_input_shapes(session):
         return {i.name: tuple(i.shape) for i in session.get_inputs()}
     except AttributeError:
         return None
+
+
+def shape_of(value):
+    return None if value is None else tuple(value)
 
 
 def _fmt_shape(shape):
