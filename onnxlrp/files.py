@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
+
+_UMASK_LOCK = threading.Lock()
 
 
 def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
+    # reading the umask means setting it: two threads at once would each see the other's 0 (`onnxlrp
+    # explain` writes on several)
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

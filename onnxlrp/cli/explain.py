@@ -5,8 +5,10 @@ options, the model, every input (images are opened to their header, arrays to th
 selection, the labels, and the output folder (existing files are refused without --force). Files are
 written under a temporary name and renamed, so an interrupted run leaves no partial file; an input's
 files are written all or none. What only decoding can tell (an image over Pillow's pixel limit, a file
-that does not decode) becomes an error row for that input, and the others are still explained. Ctrl-C
-stops after the inputs finished so far: their table (or JSON) is printed, and the exit code is 130.
+that does not decode) becomes an error row for that input, and the others are still explained. Worker
+threads decode the next batches and write the previous batch's files while onnxruntime explains the current
+one; the rows stay in input order. Ctrl-C stops after the inputs explained so far (their files written):
+their table (or JSON) is printed, and the exit code is 130.
 """
 from __future__ import annotations
 
@@ -15,15 +17,18 @@ import os
 import re
 import sys
 import tempfile
+import threading
+import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import click
 import numpy as np
 
 from ..files import atomic_write
-from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cli, debug_option,
+from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cache_option, cli,
+                  debug_option,
                   device_option, fmt_shape, load_analyzer, model_argument, output_name_option, pop_rule_kwargs,
                   precision_option, rule_options, skip_checks_option)
 
@@ -414,6 +419,78 @@ def _batches(samples, size):
         yield batch
 
 
+#: batches decoded on worker threads ahead of the one onnxruntime runs: enough to keep it fed, few enough
+#: that memory stays bounded whatever the number of inputs
+PREFETCH_BATCHES = 2
+#: threads drawing and writing the explained inputs' files while the next batch runs. One: the drawing holds
+#: the GIL, and a second thread made 32x32 inputs on 2 cores slower, not faster (benchmarks/
+#: bench_explain_folder.py)
+WRITE_THREADS = 1
+#: False runs every step in turn on the calling thread (decode a batch, explain it, write its files)
+THREADED = True
+
+
+def _loaded_ahead(batches, load, ahead, stop):
+    """``(batch, load(batch))`` for each of ``batches`` in order, up to ``ahead`` batches loading on worker
+    threads while the caller works on the current one (0: each loads when it is asked for). ``batches`` is
+    read only as loads are queued. When the caller stops early (an interrupt, an error, close()), ``stop``
+    is set: the queued loads are cancelled and the running ones end after the input they are on."""
+    if ahead == 0:
+        for batch in batches:
+            yield batch, load(batch)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(ahead, thread_name_prefix="onnxlrp-load")
+    queued = deque()
+    try:
+        for batch in batches:
+            queued.append((batch, pool.submit(load, batch)))
+            if len(queued) > ahead:
+                batch, task = queued.popleft()
+                yield batch, task.result()
+        while queued:
+            batch, task = queued.popleft()
+            yield batch, task.result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        _shut_down(pool)
+
+
+def _shut_down(pool):
+    """Cancel ``pool``'s queued tasks and wait for its threads (each ends after the input it is on). A
+    Ctrl-C does not cut the wait short, so that no thread decodes or writes after the command returns."""
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        except KeyboardInterrupt:
+            pass
+
+
+def _wait_through_interrupts(tasks):
+    """Wait for every one of ``tasks`` (concurrent.futures), a Ctrl-C meanwhile not cutting it short."""
+    from concurrent.futures import wait
+    while True:
+        try:
+            wait(tasks)
+            return
+        except KeyboardInterrupt:
+            pass
+
+
+def _run_now(fn, *args):
+    """``fn(*args)`` as a finished Future (``pool.submit`` without a pool); an interrupt is raised here."""
+    from concurrent.futures import Future
+    task = Future()
+    try:
+        task.set_result(fn(*args))
+    except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as from a pool
+        task.set_exception(exc)
+    return task
+
+
 #: pictures up to this size are kept from the decode that makes the model input; larger ones are read
 #: again when their overlay is drawn, so that a batch of big photos does not sit in memory
 KEEP_PICTURE_PIXELS = 1 << 20
@@ -566,13 +643,18 @@ Examples:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr. Default: on a terminal, when there is more than one batch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or notices on stderr (the results still print).")
+@click.option("--profile", is_flag=True,
+              help="Print on stderr the seconds of each construction phase (or the cache hit) and of the "
+                   "relevance runs against the whole loop.")
 @output_name_option
 @precision_option
 @skip_checks_option
+@cache_option
 @debug_option
 def explain(model, inputs, text, text_file, tokenizer, output_selection, labels, out, force, save_npy, as_json, mean,
             std, no_normalize, layout, input_shape, batch_size, device, reduce, rangescale, colormap, clip_percentile,
-            overlay_alpha, colorbar, shared_scale, progress, quiet, output_name, precision, skip_checks, **kwargs):
+            overlay_alpha, colorbar, shared_scale, progress, quiet, profile, output_name, precision, skip_checks,
+            **kwargs):
     """Explain MODEL's predictions on INPUTS with LRP: heatmaps and overlays.
 
     INPUTS are image files, folders of images, or .npy arrays. For each input, onnxlrp runs the
@@ -663,16 +745,16 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     bar = Progress(len(samples), False if quiet else (progress if progress is not None
                                                       else (None if len(samples) > batch_size else False)),
                    "explaining")
+    if profile:
+        _print_construction(analyzer)
+    loop_started = time.perf_counter()
     try:
         try:
-            for batch in _batches(samples, batch_size):
-                run.explain(batch)
-                bar.update(len(batch))
+            run.explain_all(_batches(samples, batch_size), bar, THREADED)
         except KeyboardInterrupt:  # Ctrl-C: report what is finished
             interrupted = True
         finally:
             bar.close()
-            run.arrays.clear()
         if run.pending and not run.draw_pending():  # --shared-scale: the pictures, on the scale of all inputs
             interrupted = True
     except BaseException:
@@ -682,6 +764,11 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     if interrupted and run.files == 0:
         remove_dirs(created)
     rows = run.rows
+    if profile:
+        loop = time.perf_counter() - loop_started
+        click.echo(f"onnxlrp: profile: {len(rows)} inputs in {loop:.2f} s ({len(rows) / max(loop, 1e-9):.1f}/s); "
+                   f"relevance runs {run.relevance_seconds:.2f} s ({run.relevance_seconds / max(loop, 1e-9):.0%}), "
+                   "the rest decoding, drawing and writing", err=True)
 
     if as_json:  # strict JSON: no NaN
         click.echo(json.dumps({"model": model, "rules": desc, "device": analyzer.execution_device,
@@ -708,6 +795,12 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
         raise click.exceptions.Exit(1)
 
 
+def _print_construction(analyzer):
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in analyzer.construction_times.items())
+    click.echo(f"onnxlrp: profile: construction {sum(analyzer.construction_times.values()):.2f} s ({phases}); "
+               f"cache {analyzer.cache_status}", err=True)
+
+
 def _row(s, error=None, **values):
     """One input's line of the results (table and --json): the explained values, or None everywhere with
     ``error`` saying why the input was not explained."""
@@ -724,7 +817,8 @@ class _Run:
     """The explain loop's state: one result row per finished input, in input order, and the files written.
 
     An input is finished when all its files are written (an interrupt or error midway removes the ones
-    already there). With --shared-scale the pictures wait in ``pending`` (the input's channel-reduced
+    already there): on a writer thread (``_finish``), its result taken on the calling thread in input order
+    (``_collect``). With --shared-scale the pictures wait in ``pending`` (the input's channel-reduced
     relevance map) until every input is explained, and are drawn on one color scale by ``draw_pending``.
     """
 
@@ -732,52 +826,154 @@ class _Run:
         self.analyzer, self.spec, self.output_selection, self.labels = analyzer, spec, output_selection, labels
         self.mean, self.std, self.alpha, self.shared = mean, std, alpha, shared
         self.picture_opts = picture_opts  # reduce, rangescale, colormap, percentile, colorbar
-        self.rows, self.pending, self.arrays, self.files = [], [], {}, 0
+        self.rows, self.pending, self.files = [], [], 0
+        self.relevance_seconds = 0.0  # inside analyzer.analyze (--profile)
 
-    def explain(self, batch):
-        from ..errors import InputError, LRPWarning
-        loaded = []
-        for s in batch:
-            item = None
-            if s.error is None:
-                try:
-                    item = _load_sample(s, self.spec, self.mean, self.std, self.arrays, keep_picture=not self.shared)
-                except InputError as exc:  # e.g. a truncated file: its own error row, the others go on
-                    s.error = _reason(exc, s.path)
-                else:
-                    # NaN/Inf in an input gives NaN relevance, which a heatmap shows as "no relevance": refuse
-                    # it per input and explain the others
-                    if not np.all(np.isfinite(item[0])):
-                        s.error, item = "the input holds NaN or infinite values", None
-            loaded.append(item)
-        kept = [item for item in loaded if item is not None]
+    def explain_all(self, batches, progress, threaded):
+        """Explain ``batches``, the rows in input order. ``threaded``: the inputs of the next batches are
+        decoded on worker threads (PREFETCH_BATCHES ahead) while onnxruntime explains the current one (it
+        releases the GIL), and the previous batch's files are written on WRITE_THREADS writer threads
+        meanwhile; otherwise each step runs in turn on this thread.
+
+        On Ctrl-C the decoding stops and the inputs explained before it are still written and reported; a
+        second Ctrl-C cancels the writes not started yet.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        from ..errors import LRPWarning
+        stop_loading = threading.Event()
         with warnings.catch_warnings():
-            # a non-finite result becomes that input's error row, with the layer the warning names
+            # Set once here, around every thread: catch_warnings is not thread-safe, so the blocks that
+            # images.py enters on the workers may restore each other's filters (never ones from outside
+            # this block). A non-finite result becomes that input's error row, with the layer the warning
+            # names; images above Pillow's warning size are decoded reduced without its warning.
             warnings.filterwarnings("ignore", message=r".*sample \d+: the (model's output|relevance) is not finite",
                                     category=LRPWarning)
-            expl = self.analyzer.analyze(np.stack([x for x, _ in kept]), self.output_selection) if kept else None
-        nonfinite = expl.extras.get("nonfinite", {}) if kept else {}
-        outputs = np.asarray(expl.output).reshape(len(kept), -1) if kept else None
-        rel = np.asarray(expl.val) if kept else None
-        j = 0
-        for s, item in zip(batch, loaded):  # in input order
-            if item is None:
-                s.outputs.clear()
-                self.rows.append(_row(s, error=s.error))
+            if self.spec.image:
+                from PIL import Image
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            loaded = _loaded_ahead(batches, lambda batch: self._load(batch, stop_loading),
+                                   PREFETCH_BATCHES if threaded else 0, stop_loading)
+            writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="onnxlrp-write") if threaded else None
+            submit = writers.submit if writers else _run_now
+            writing = deque()  # (sample, its _finish task) of the explained inputs not reported yet
+            try:
+                try:
+                    for batch, items in loaded:
+                        explained = self._relevance(items)
+                        progress.update(self._collect(writing))  # the previous batch, written meanwhile
+                        j = 0
+                        for s, item in zip(batch, items):
+                            if isinstance(item, str):
+                                s.error = item
+                                s.outputs.clear()
+                                writing.append((s, _run_now(lambda: (_row(s, error=item), 0, None))))
+                                continue
+                            outputs, rel, selections, nonfinite = explained
+                            # the warning's reason names the layer of the first non-finite input
+                            reason = nonfinite.get("reason") if nonfinite.get("first") == j else None
+                            writing.append((s, submit(self._finish, s, outputs[j], rel[j], int(selections[j]),
+                                                      item[1], reason)))
+                            j += 1
+                    progress.update(self._collect(writing))
+                except KeyboardInterrupt:
+                    self._collect_interrupted(writing)
+                    raise
+            finally:
+                loaded.close()
+                if writers is not None:
+                    _shut_down(writers)
+
+    def _collect(self, writing):
+        """Take the results of the inputs in ``writing``, in order, waiting for each to be written; an error
+        (or interrupt) leaves its input first in ``writing``. Returns how many were taken."""
+        n = 0
+        while writing:
+            s, task = writing[0]
+            result = task.result()
+            writing.popleft()
+            self._take(s, *result)
+            n += 1
+        return n
+
+    def _take(self, s, row, files, heat_map):
+        if heat_map is not None:  # --shared-scale: drawn by draw_pending
+            self.pending.append((len(self.rows), s, heat_map))
+        self.rows.append(row)
+        self.files += files
+
+    def _collect_interrupted(self, writing):
+        """After a Ctrl-C: the results of the inputs explained before it, once written. A second Ctrl-C
+        cancels the writes not started yet; the inputs from the first unfinished one on are not reported
+        (nor is one whose write was interrupted), and the files of those among them written are removed."""
+        try:
+            self._collect(writing)
+            return
+        except KeyboardInterrupt:
+            pass
+        for _, task in writing:
+            task.cancel()
+        _wait_through_interrupts([task for _, task in writing])
+        finished = True
+        for s, task in writing:
+            written = not task.cancelled() and task.exception() is None
+            finished = finished and written
+            if finished:
+                self._take(s, *task.result())
+            elif written:  # after one that is not: the rows stay the inputs' order
+                row = task.result()[0]
+                for key in ("heatmap", "overlay", "relevance"):
+                    if row[key] is not None:
+                        try:
+                            os.remove(row[key])
+                        except OSError:
+                            pass
+        writing.clear()
+
+    def _load(self, batch, stop):
+        """Each input of ``batch`` as (model input, picture) or an error string (a file that does not
+        decode, non-finite values); on a worker thread. None once ``stop`` is set (the result is not used)."""
+        from ..errors import InputError
+        arrays = {}  # the batch's open .npy files
+        loaded = []
+        for s in batch:
+            if stop.is_set():
+                return None
+            if s.error is not None:
+                loaded.append(s.error)
                 continue
-            reason = nonfinite.get("reason") if nonfinite.get("first") == j else None  # it names this one's layer
-            self.rows.append(self._finish(s, outputs[j], rel[j], int(expl.output_selection[j]), item[1], reason))
-            j += 1
+            try:
+                item = _load_sample(s, self.spec, self.mean, self.std, arrays, keep_picture=not self.shared)
+            except InputError as exc:  # e.g. a truncated file: its own error row, the others go on
+                loaded.append(_reason(exc, s.path))
+                continue
+            # NaN/Inf in an input gives NaN relevance, which a heatmap shows as "no relevance": refuse it
+            # per input and explain the others
+            loaded.append(item if np.all(np.isfinite(item[0])) else "the input holds NaN or infinite values")
+        return loaded
+
+    def _relevance(self, items):
+        """The relevance run on a batch's loaded inputs: (outputs (n, -1), relevance, selections, nonfinite)
+        for the n that loaded, None when none did."""
+        kept = [item for item in items if not isinstance(item, str)]
+        if not kept:
+            return None
+        started = time.perf_counter()
+        expl = self.analyzer.analyze(np.stack([x for x, _ in kept]), self.output_selection)
+        self.relevance_seconds += time.perf_counter() - started
+        return (np.asarray(expl.output).reshape(len(kept), -1), np.asarray(expl.val), expl.output_selection,
+                expl.extras.get("nonfinite", {}))
 
     def _finish(self, s, output, rel, sel, picture, nonfinite_reason=None):
-        """Write one explained input's files (or keep its map for --shared-scale); its result row."""
+        """Write one explained input's files (on a writer thread, or on the caller's); returns its result
+        row, the number of files written and, with --shared-scale, its map for draw_pending (else None)."""
         from ..errors import InputError
         from ..heatmaps import reduce_channels
         if not (np.all(np.isfinite(rel)) and np.all(np.isfinite(output))):
             s.outputs.clear()  # no picture that looks valid
             what = "output" if not np.all(np.isfinite(output)) else "relevance"
-            return _row(s, error=nonfinite_reason if nonfinite_reason else f"the model's {what} is not finite (NaN or infinite values; "
-                                 "check the input's range, or explain it with the Python API's layer_relevances)")
+            reason = nonfinite_reason or (f"the model's {what} is not finite (NaN or infinite values; check the "
+                                          "input's range, or explain it with the Python API's layer_relevances)")
+            return _row(s, error=reason), 0, None
         pred = int(np.argmax(output))
         row = _row(s, predicted=pred, predicted_label=_label(self.labels, pred), score=float(output[pred]),
                    explained=sel, explained_label=_label(self.labels, sel), explained_score=float(output[sel]),
@@ -788,25 +984,26 @@ class _Run:
         if drawn:  # the channel-reduced relevance, (H, W)
             heat_map = reduce_channels(rel, self.picture_opts["reduce"], axis=0 if self.spec.layout == "NCHW" else 2)
         if drawn and self.shared:
+            files = 0
             if "relevance" in s.outputs:
-                self._write(s, lambda: save_npy(rel, s.outputs["relevance"]), ["relevance"])
-            self.pending.append((len(self.rows), s, heat_map.astype(np.float32)))
-            return row
+                files = self._write(s, lambda: save_npy(rel, s.outputs["relevance"]), ["relevance"])
+            return row, files, heat_map.astype(np.float32)
         writes = []
         if drawn:
             writes.append(lambda: self._draw(s, heat_map, picture, None))
         if "relevance" in s.outputs:
             writes.append(lambda: save_npy(rel, s.outputs["relevance"]))
         try:
-            self._write(s, lambda: [w() for w in writes], list(s.outputs))
+            files = self._write(s, lambda: [w() for w in writes], list(s.outputs))
         except InputError as exc:  # its picture no longer decodes (the file changed): an error row
             s.outputs.clear()
-            return _row(s, error=_reason(exc, s.path))
-        return row
+            return _row(s, error=_reason(exc, s.path)), 0, None
+        return row, files, None
 
     def _write(self, s, write, kinds):
         """Run ``write`` (which writes s.outputs[kinds]): all or none, an error or interrupt midway removes
-        the input's files (with --force, old ones of an earlier run too: they would not match)."""
+        the input's files (with --force, old ones of an earlier run too: they would not match). Returns the
+        number of files written."""
         targets = [s.outputs[k] for k in kinds]
         try:
             write()
@@ -817,7 +1014,7 @@ class _Run:
                 except OSError:
                     pass
             raise
-        self.files += len(targets)
+        return len(targets)
 
     def _draw(self, s, heat_map, picture, vrange):
         """s's heatmap (at its image's own size, when it is an image) and overlay."""
@@ -844,7 +1041,7 @@ class _Run:
             for k, (i, s, heat_map) in enumerate(self.pending):
                 kinds = [kind for kind in ("heatmap", "overlay") if kind in s.outputs]
                 try:
-                    self._write(s, lambda: self._draw(s, heat_map, None, vrange), kinds)
+                    self.files += self._write(s, lambda: self._draw(s, heat_map, None, vrange), kinds)
                 except InputError as exc:  # the image no longer decodes: an error row after all
                     self._drop(self.rows[i])
                     self.rows[i] = _row(s, error=_reason(exc, s.path))
