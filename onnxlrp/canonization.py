@@ -103,8 +103,10 @@ def normalize_gemm(graph) -> None:
             continue
         a = node.attrs
         alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
-        weight = (w if a.get("transB", 0) else w.T) * alpha
-        node.inputs[1] = gs.Constant(_fresh(node.inputs[1].name), np.ascontiguousarray(weight.astype(w.dtype)))
+        weight = w if a.get("transB", 0) else w.T
+        if alpha != 1.0 or w.dtype.kind != "f":  # x * 1.0 is x: the weight (VGG16's 400 MB) is not copied
+            weight = np.multiply(weight, alpha, order="C").astype(w.dtype, copy=False)
+        node.inputs[1] = gs.Constant(_fresh(node.inputs[1].name), np.ascontiguousarray(weight))
         if len(node.inputs) > 2 and node.inputs[2].name:
             c = const_value(node.inputs[2])
             if c is not None:

@@ -20,7 +20,15 @@ def _neg(p):
 
 
 def _gamma(gamma, part):
-    return lambda p: p + gamma * part(p)
+    def modified(p):
+        scaled = part(p)  # a new array
+        if not isinstance(scaled, np.ndarray) or not scaled.dtype == p.dtype == np.result_type(scaled, gamma):
+            return p + gamma * scaled
+        # p + gamma * part(p) in place: the same values (IEEE addition commutes) in one new array, not three
+        scaled *= gamma
+        scaled += p
+        return scaled
+    return modified
 
 
 def _identity_input(x):
@@ -60,7 +68,7 @@ class GammaRule(Rule):
     gamma: float = DEFAULT_GAMMA
 
     def modify_parameters(self, param):
-        return param + self.gamma * np.maximum(param, 0)
+        return _gamma(self.gamma, _pos)(param)  # param + gamma * max(param, 0)
 
 
 @dataclass(eq=False, repr=False)
