@@ -65,14 +65,24 @@ def is_image_path(path) -> bool:
     return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_image(path):
-    """Open an image lazily (header only) with Pillow; InputError when it is not one."""
-    from PIL import Image, UnidentifiedImageError
+def _source(path, name):
+    """(what Pillow opens, the name errors give): a path, or an encoded image's bytes read from memory."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        import io
+        return io.BytesIO(path), name or "<image bytes>"
     path = os.fspath(path)
+    return path, name or path
+
+
+def open_image(path, name=None):
+    """Open an image lazily (header only) with Pillow; InputError when it is not one. ``path`` may also be
+    the encoded file's bytes (a Parquet image column), ``name`` what errors call it."""
+    from PIL import Image, UnidentifiedImageError
+    source, path = _source(path, name)
     try:
         with warnings.catch_warnings():  # images above MAX_IMAGE_PIXELS are decoded reduced: no raw warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(source)
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
@@ -114,11 +124,11 @@ def _to_float(img, channels: int) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float32)
         if arr.size and float(np.nanmax(arr)) > 1.0:
             arr = arr / 255.0
-    elif channels == 1:
-        arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    arr = np.clip(np.nan_to_num(arr), 0.0, 1.0)
+        target = "L" if channels == 1 else "RGB"
+        arr = np.asarray(img if img.mode == target else img.convert(target), dtype=np.float32) / 255.0
+    if mode.startswith("I") or mode == "F":  # 8-bit pixels / 255 are finite and within [0, 1] already
+        arr = np.clip(np.nan_to_num(arr), 0.0, 1.0)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape[2] != channels:
@@ -192,12 +202,13 @@ def _as_picture(img, size, box=None):
                       reducing_gap=_PICTURE_REDUCING_GAP).convert("RGB")
 
 
-def _read(path, size, channels, array=True, max_picture_pixels=None):
-    """Decode ``path`` once, at the least resolution that the array (``size`` = (H, W), None = full) and
-    the picture (when ``max_picture_pixels`` is given) need. Returns (array or None, picture or None)."""
+def _read(path, size, channels, array=True, max_picture_pixels=None, name=None):
+    """Decode ``path`` (or an image file's bytes) once, at the least resolution that the array (``size`` =
+    (H, W), None = full) and the picture (when ``max_picture_pixels`` is given) need. Returns (array or None,
+    picture or None)."""
     from PIL import Image
-    path = os.fspath(path)
-    img = open_image(path)
+    img = open_image(path, name)
+    path = _source(path, name)[1]
     try:
         check_channels(img, channels, path)
         w, h = img.size
@@ -232,13 +243,14 @@ def _read(path, size, channels, array=True, max_picture_pixels=None):
     return arr, picture
 
 
-def load_image(path, size=None, channels: int = 3) -> np.ndarray:
+def load_image(path, size=None, channels: int = 3, name=None) -> np.ndarray:
     """Read an image as an (H, W, channels) float32 array in [0, 1], resized to ``size`` = (H, W) if given.
+    ``path`` may also be the encoded file's bytes; ``name`` is then what errors call it.
 
     Images much larger than ``size`` are decoded reduced (see the module docstring), so that a huge image
     costs memory for its decoded 8-bit pixels, not for a float copy of them.
     """
-    return _read(path, size, channels)[0]
+    return _read(path, size, channels, name=name)[0]
 
 
 def load_image_and_picture(path, size=None, channels: int = 3, max_picture_pixels=MAX_PICTURE_PIXELS):

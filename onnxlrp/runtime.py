@@ -126,12 +126,17 @@ def will_use_cuda(device) -> bool:
 
 
 def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_options=None, profile=False,
-                 weights=None, save_to=None):
+                 weights=None, save_to=None, threads=None):
     """An InferenceSession on the requested device. ``device``: "auto", "cpu" or "cuda". ``weights``: the
     arrays detach_weights took out of the graph; the session keeps them (onnxruntime reads their memory).
-    ``save_to``: (path, weights file name) where onnxruntime writes the graph it optimized (CPU only)."""
+    ``save_to``: (path, weights file name) where onnxruntime writes the graph it optimized (CPU only).
+    ``threads``: onnxruntime's intra-op threads (default: one per core), for sessions that share the cores
+    with other work; their idle threads then sleep instead of spinning, which would take those cores."""
     check_device(device)
     options = _session_options()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     values = None
     if weights:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]

@@ -27,6 +27,8 @@ import click
 import numpy as np
 
 from ..files import atomic_write
+from ..pipeline import loaded_ahead as _loaded_ahead
+from ..pipeline import shut_down as _shut_down
 from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cache_option, cli,
                   debug_option,
                   device_option, fmt_shape, load_analyzer, model_argument, output_name_option, pop_rule_kwargs,
@@ -428,45 +430,6 @@ PREFETCH_BATCHES = 2
 WRITE_THREADS = 1
 #: False runs every step in turn on the calling thread (decode a batch, explain it, write its files)
 THREADED = True
-
-
-def _loaded_ahead(batches, load, ahead, stop):
-    """``(batch, load(batch))`` for each of ``batches`` in order, up to ``ahead`` batches loading on worker
-    threads while the caller works on the current one (0: each loads when it is asked for). ``batches`` is
-    read only as loads are queued. When the caller stops early (an interrupt, an error, close()), ``stop``
-    is set: the queued loads are cancelled and the running ones end after the input they are on."""
-    if ahead == 0:
-        for batch in batches:
-            yield batch, load(batch)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(ahead, thread_name_prefix="onnxlrp-load")
-    queued = deque()
-    try:
-        for batch in batches:
-            queued.append((batch, pool.submit(load, batch)))
-            if len(queued) > ahead:
-                batch, task = queued.popleft()
-                yield batch, task.result()
-        while queued:
-            batch, task = queued.popleft()
-            yield batch, task.result()
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        _shut_down(pool)
-
-
-def _shut_down(pool):
-    """Cancel ``pool``'s queued tasks and wait for its threads (each ends after the input it is on). A
-    Ctrl-C does not cut the wait short, so that no thread decodes or writes after the command returns."""
-    while True:
-        try:
-            pool.shutdown(wait=True, cancel_futures=True)
-            return
-        except KeyboardInterrupt:
-            pass
 
 
 def _wait_through_interrupts(tasks):
