@@ -21,6 +21,7 @@ _EXPORTS = {
                   "GlobalTypeMap", "LastLayerMap", "LastLayerTypeMap", "LayerMap", "PRESETS", "RangeMap",
                   "RangeTypeMap"],
     "crp": ["CRP", "IndexedFeatures", "TopNFeatures"],
+    "dataset": ["explain_dataset", "load_results"],
     "errors": ["DeviceError", "InputError", "LRPError", "LRPWarning", "ModelLoadError", "RuleCompatibilityError",
                "UnsupportedModelError"],
     "explanation": ["Explanation"],
@@ -33,8 +34,8 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 #: submodules reachable as attributes (``onnxlrp.images.load_image``) without importing them first
-_SUBMODULES = ("analyzer", "api", "auditing", "canonization", "cli", "composite", "crp", "emitters", "errors", "explanation", "files", "gradients",
-               "heatmaps", "images", "layers", "loading", "precision", "rewriter", "rules", "runtime")
+_SUBMODULES = ("analyzer", "api", "auditing", "canonization", "cli", "composite", "crp", "dataset", "emitters", "errors", "explanation", "files", "gradients",
+               "heatmaps", "images", "layers", "loading", "pipeline", "precision", "rewriter", "rules", "runtime")
 
 __all__ = sorted(_WHERE) + ["images"]
 

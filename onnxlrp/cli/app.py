@@ -79,7 +79,7 @@ class LRPGroup(click.Group):
             raise CLIError(one_line(exc)) from None
 
     def list_commands(self, ctx):
-        order = ["explain", "check", "audit", "layers", "rules", "export"]
+        order = ["explain", "explain-dataset", "check", "audit", "layers", "rules", "export"]
         return [c for c in order if c in self.commands] + sorted(c for c in self.commands if c not in order)
 
 
@@ -337,6 +337,7 @@ def cli():
     Examples:
       onnxlrp explain model.onnx cat.png      # top-class heatmaps in ./lrp_out
       onnxlrp explain model.onnx -c EpsilonGammaBox --low -3 --high 3 photos/
+      onnxlrp explain-dataset model.onnx dataset/ --out lrp_dataset   # sharded, resumable
       onnxlrp check model.onnx                # is every node supported?
       onnxlrp layers model.onnx               # layer indices after canonization
       onnxlrp rules model.onnx -c EpsilonGammaBox --low -3 --high 3
@@ -577,3 +578,4 @@ def cache_clear():
 
 from . import explain as _explain  # noqa: E402,F401  (registers the explain command)
 from . import audit as _audit  # noqa: E402,F401  (registers the audit command)
+from . import dataset as _dataset  # noqa: E402,F401  (registers the explain-dataset command)
