@@ -342,3 +342,27 @@ def test_a_whole_run_with_a_split_equals_analyze(analyzer, tmp_path, monkeypatch
     for s in range(0, 30, 3):
         np.testing.assert_array_equal(results.relevance(0)[s:s + 3], analyzer.analyze(x[s:s + 3]).val)
     assert run.backend
+
+
+def test_output_folder_inside_the_source_is_not_read_back(analyzer, tmp_path):
+    src = make_images(tmp_path / "imgs", 5)
+    first = onnxlrp.explain_dataset(analyzer, source=str(src), out=src / "lrp", shard_size=2)
+    again = onnxlrp.explain_dataset(analyzer, source=str(src), out=src / "lrp", shard_size=2)
+    assert (first.items, again.items, again.skipped) == (5, 5, 3)  # its own shards are not new inputs
+
+
+def test_parquet_nested_lists_nulls_and_large_row_groups(analyzer, tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from onnxlrp.dataset import sources
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    nested = [s.tolist() for s in x[:2]] + [None]  # (3, 32, 32) nested lists, and a null
+    pq.write_table(pa.table({"pixel_values": nested}), tmp_path / "nested.parquet")
+    run = onnxlrp.explain_dataset(analyzer, source=str(tmp_path / "nested.parquet"), out=tmp_path / "o")
+    results = onnxlrp.load_results(tmp_path / "o")
+    assert run.errors == 1 and "value is null" in results.rows[2]["error"]
+    np.testing.assert_array_equal(results.relevance(0)[:2], analyzer.analyze(x[:2]).val)
+    monkeypatch.setattr(sources, "MAX_ROW_GROUP_BYTES", 1000)
+    onnxlrp.explain_dataset(analyzer, source=str(tmp_path / "nested.parquet"), out=tmp_path / "o2")
+    rows = onnxlrp.load_results(tmp_path / "o2").rows
+    assert all(r["status"] == "error" and "over the limit of 1,000" in r["error"] for r in rows)

@@ -130,8 +130,8 @@ def explain_dataset(model, composite=None, source=None, out=None, *, batch_size=
     if output_selection is not None:
         output_selection = int(analyzer._selection(output_selection, 1, _n_outputs(analyzer))[0])
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    items = list_items(sources, prep, column=column, id_column=id_column)
     folder = OutputFolder(os.path.abspath(os.fspath(out)), format)
+    items = list_items(sources, prep, column=column, id_column=id_column, skip=folder.out)
     if format == "parquet":
         from .sources import _pyarrow
         _pyarrow(folder.out)

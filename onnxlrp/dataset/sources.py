@@ -104,20 +104,20 @@ def _kind(path):
     return "image"
 
 
-def _walk(folder):
+def _walk(folder, skip=()):
     found = []
     for root, dirs, files in os.walk(folder):  # followlinks=False: a linked folder cannot loop the walk
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skip]
         for f in files:
             if not f.startswith(".") and (is_image_path(f) or f.lower().endswith((".npy", ".parquet", ".pq"))):
                 found.append(os.path.join(root, f))
     return sorted(found, key=lambda p: natural_key(os.path.relpath(p, folder)))
 
 
-def _files(source):
+def _files(source, skip=()):
     source = os.fspath(source)
     if os.path.isdir(source):
-        files = _walk(source)
+        files = _walk(source, skip)
         if not files:
             raise InputError(f"{source}: the folder holds no images, .npy or Parquet files "
                              f"(looked for {', '.join(IMAGE_EXTENSIONS[:4])}, ..., .npy, .parquet)")
@@ -132,14 +132,18 @@ def _files(source):
     raise InputError(f"{source}: no such file or folder")
 
 
-def list_items(sources, prep, *, column=None, id_column=None):
+def list_items(sources, prep, *, column=None, id_column=None, skip=None):
     """Every item of ``sources`` as [kind, path, row, name], checked far enough to know it fits ``prep``:
-    arrays by their header, Parquet files by their schema (images are decoded only when explained)."""
+    arrays by their header, Parquet files by their schema (images are decoded only when explained).
+    ``skip``: a folder left out of folder walks (the output folder, when it is inside a source)."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    skip = {os.path.realpath(skip)} if skip is not None else set()
     items = []
     for source in sources:
-        for path in _files(source):
+        for path in _files(source, skip):
+            if skip and any(os.path.realpath(path).startswith(s + os.sep) for s in skip):
+                continue  # a glob into the output folder
             kind = _kind(path)
             if kind == "image":
                 if prep.channels is None:
@@ -295,22 +299,56 @@ class Decoder:
                 raise InputError(f"{name}: the image struct holds no bytes")
         if isinstance(value, (bytes, bytearray)):
             return self.image(value, name)
-        x = np.asarray(value, dtype=np.float64)
+        x = np.asarray(value)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"{name}: the {column!r} value is not numeric ({x.dtype})")
         if x.size != int(np.prod(self.prep.sample_shape)):
             raise InputError(f"{name}: {x.size} values do not fit the model's sample shape {self.prep.sample_shape}")
         return x.reshape(self.prep.sample_shape)
 
     @staticmethod
     def _read_group(path, column, row):
+        """(first row, rows, values) of the row group holding ``row``: encoded images as bytes (or
+        Hugging Face's {bytes, path} dicts), arrays as flat numpy arrays, None for nulls."""
         pq = _pyarrow(path)
         f = pq.ParquetFile(path)
         first = 0
         for g in range(f.metadata.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
+            group = f.metadata.row_group(g)
+            n = group.num_rows
             if row < first + n:
+                names = [group.column(c).path_in_schema.split(".")[0] for c in range(group.num_columns)]
+                size = sum(group.column(c).total_uncompressed_size for c, name in enumerate(names) if name == column)
+                if size > MAX_ROW_GROUP_BYTES:  # a small file must not make the reader allocate gigabytes
+                    raise InputError(f"{path}: row group {g} holds {size:,} bytes of column {column!r} "
+                                     f"uncompressed, over the limit of {MAX_ROW_GROUP_BYTES:,}; write it in "
+                                     "smaller row groups")
                 values = f.read_row_group(g, columns=[column]).column(column).combine_chunks()
-                # a tensor extension column (Ray's) gives an (n, ...) array; the others Python values
-                values = list(values.to_numpy()) if _column_kind(values.type) == "tensor" else values.to_pylist()
-                return first, n, values
+                return first, n, _row_values(values)
             first += n
         raise InputError(f"{path}: has no row {row} (the file changed since it was listed)")
+
+
+#: the most bytes one row group of the input column may take uncompressed (onnxlrp reads one at a time)
+MAX_ROW_GROUP_BYTES = 1 << 30
+
+
+def _row_values(values):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    kind = _column_kind(values.type)
+    if kind == "tensor":  # Ray's tensor extension column: an (n, ...) array
+        return list(values.to_numpy())
+    if kind != "list":
+        return values.to_pylist()
+    rows = []
+    for i in range(len(values)):
+        if not values[i].is_valid:
+            rows.append(None)
+            continue
+        flat = values.slice(i, 1)
+        while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or \
+                pa.types.is_fixed_size_list(flat.type):
+            flat = pc.list_flatten(flat)
+        rows.append(flat.to_numpy(zero_copy_only=False))  # nulls inside become NaN: refused as non-finite
+    return rows
