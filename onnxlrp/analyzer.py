@@ -6,25 +6,25 @@ import os
 import sys
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from .cache import WEIGHTS_FILE, ModelCache, Uncacheable, usable_root
 from .cache import describe as describe_for_cache
 from .cache import resolve as resolve_cache
-from .canonization import canonize_graph
 from .composite import Composite, GlobalMap, check_compatible, default_rules
 from .errors import InputError, LRPError, LRPWarning
 from .explanation import Explanation
 from .files import atomic_write
-from .layers import build_layers
-from .loading import BATCH_DIM, load_model
-from .precision import ReferenceSession, cast_floats, check_precision, lower_double_ops
-from .rewriter import (NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, emit_relevance_graph,
-                       export_relevance_model)
+# onnx, onnx-graphsurgeon and the modules built on them (loading, canonization, layers, rewriter, precision)
+# are imported where a graph is loaded or emitted: a cache hit needs none of them (onnxlrp.interface)
+from .interface import BATCH_DIM, NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED, check_precision
 from .rules import AlphaBetaRule, Rule
+
+if TYPE_CHECKING:
+    import onnx
 from .runtime import check_device, cuda_provider_options, detach_weights, make_session, session_device, will_use_cuda
 
 GRAPH_DOC = """{title}.
@@ -137,6 +137,8 @@ class LRP:
 
     def _construct(self):
         """Load, canonize, build the layers and resolve the rules (what a cache hit skips)."""
+        from .canonization import canonize_graph
+        from .layers import build_layers
         clock = time.perf_counter()
         loaded = self._load(None)
         clock = self._lap("load", clock)
@@ -294,6 +296,8 @@ class LRP:
 
     # -- emission ---------------------------------------------------------------------------------------
     def _load(self, feature_shape):
+        from .loading import load_model
+        from .precision import cast_floats
         loaded = load_model(self._model, self._input_name, feature_shape, max_fold_bytes=self._max_fold_bytes)
         self._select_output(loaded)
         if self._dtype != np.float32:  # before canonizing: BatchNorm fusion is then exact in double too
@@ -341,6 +345,7 @@ class LRP:
                 built[key] = ((feature_shape, None), found[1])
                 return built[key]
             pending = self._cache.start_entry(shape_key)
+        from .rewriter import export_relevance_model
         graph, doc = self._emit(feature_shape, concept_layer)
         clock = self._lap("emit", clock)
         # float32: the weights go to the session as arrays, not through protobuf (float64 may need the
@@ -370,6 +375,10 @@ class LRP:
 
     def _emit(self, feature_shape, concept_layer=None):
         """The canonized graph for this input shape with the relevance pass added, and its doc string."""
+        from .canonization import canonize_graph
+        from .layers import build_layers
+        from .precision import lower_double_ops
+        from .rewriter import emit_relevance_graph
         if feature_shape == self._canonical_shape:
             graph = self._canonical.copy()
         else:
@@ -418,9 +427,13 @@ class LRP:
                       else str(e).split("of operator (")[-1].split(")")[0])
                 print(f"onnxlrp: float64 runs on onnx's reference evaluator (slow): onnxruntime has no double "
                       f"kernel for {op}", file=sys.stderr)
+            import onnx
+
+            from .precision import ReferenceSession
             return ReferenceSession(onnx.load_from_string(model_bytes))
 
     def _export(self, built):
+        from .rewriter import export_relevance_model
         graph, doc = self._emit(*built[0])
         return export_relevance_model(graph, self.opset, doc)
 
@@ -779,7 +792,7 @@ class LRP:
     def _run_bound(session, feeds, names, keep_on_device):
         """One run through IO binding: inputs are copied to the device once; outputs stay there and only
         what the caller wants as numpy is copied back."""
-        if isinstance(session, ReferenceSession):
+        if not isinstance(session, ort.InferenceSession):  # onnx's reference evaluator (float64)
             return dict(zip(names, session.run(names, feeds)))
         device = session_device(session)
         binding = session.io_binding()

@@ -203,15 +203,25 @@ def describe(obj, sources=None, depth=0):
     raise Uncacheable(f"cannot describe a {type(obj).__name__} ({obj!r:.60})")
 
 
-def environment() -> dict:
-    import onnx
-    import onnx_graphsurgeon
-    import onnxruntime
+def _version(module):
+    """A package's version from its installed metadata: a cache hit must not import onnx to learn it (the
+    import takes over a second, most of a hit's time)."""
+    import importlib.metadata
+    for dist in (module, module.replace("_", "-"), "onnxruntime-gpu" if module == "onnxruntime" else None):
+        if dist is None:
+            continue
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return importlib.import_module(module).__version__
 
+
+def environment() -> dict:
     from . import __version__
     return {"format": FORMAT, "onnxlrp": __version__, "onnxlrp_source": _package_hash(),
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "numpy": np.__version__,
+            "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
+            "onnx_graphsurgeon": _version("onnx_graphsurgeon"), "numpy": np.__version__,
             "python": platform.python_version(), "cpu": cpu_identity()}
 
 

@@ -41,7 +41,7 @@ from ._onnx_utils import EMIT_IR_VERSION, MIN_EMIT_OPSET, default_opset, format_
 from .errors import InputError, ModelLoadError
 from .folding import bound_constant_folding, fold_byte_limit
 
-BATCH_DIM = "batch"
+from .interface import BATCH_DIM  # noqa: E402,F401
 
 
 #: Sequence length used to build the layer structure of a token model whose length is dynamic (the

@@ -24,15 +24,9 @@ from .emitters.conv import conv_geometry, flipped_transposed_weight
 from .loading import _infer_shapes
 from .rewriter import Builder
 
-PRECISIONS = {"float32": np.float32, "float64": np.float64}
+from .interface import PRECISIONS, check_precision  # noqa: E402,F401
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.DOUBLE)
-
-
-def check_precision(precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return np.dtype(PRECISIONS[precision])
 
 
 def _is_float(dtype):

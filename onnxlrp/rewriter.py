@@ -19,12 +19,7 @@ import onnx_graphsurgeon as gs
 from ._onnx_utils import export_model
 from .rules.expr import Sym
 
-OUTPUT = "output"
-RELEVANCE = "relevance"
-SELECTION = "output_selection"
-SELECTION_USED = "output_selection_used"
-NORMALIZE = "normalize_output_relevance"
-POSITION = "output_position"
+from .interface import NORMALIZE, OUTPUT, POSITION, RELEVANCE, SELECTION, SELECTION_USED  # noqa: E402,F401
 CONCEPT_MASK = "concept_mask"
 CONCEPT_RELEVANCE = "concept_relevance"
 
