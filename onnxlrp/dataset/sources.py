@@ -199,7 +199,7 @@ def _pyarrow(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise LRPError(f"{path}: reading Parquet needs pyarrow (pip install 'onnxlrp[parquet]')") from None
+        raise LRPError(f"{path}: Parquet needs pyarrow (pip install 'onnxlrp[parquet]')") from None
     return pq
 
 
