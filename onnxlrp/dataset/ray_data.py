@@ -83,7 +83,8 @@ def run_on_ray(analyzer, graph, shards, folder, prep, batch_size, output_selecti
         rows = [{"shard": k, "items": json.dumps(items)} for k, items in shards]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.map_batches(
-            ShardActor, batch_size=1, batch_format="numpy", concurrency=workers, num_cpus=cpus_per_worker,
+            ShardActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker or None,
             fn_constructor_kwargs=dict(graph=ref, data_input=analyzer.data_input,
                                        normalize_output_relevance=analyzer.normalize_output_relevance, prep=prep,
