@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 import click
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write, natural_key, read_npy
 from ..pipeline import loaded_ahead as _loaded_ahead
 from ..pipeline import shut_down as _shut_down
 from .app import (CLIError, CONTEXT_SETTINGS, FloatList, RULE_HELP, ShapeType, build_rules, cache_option, cli,
@@ -51,12 +50,6 @@ class Sample:
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
-def _natural_key(name):
-    """img2 before img10, a.png before a2.png."""
-    stem, ext = os.path.splitext(name)
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", stem) if t], ext
-
-
 def collect_inputs(paths):
     """(path, kind) for every input: files as given, folders expanded (sorted, not recursive)."""
     from ..images import is_image_path
@@ -65,7 +58,7 @@ def collect_inputs(paths):
         if not os.path.exists(p):
             raise CLIError(f"{p}: no such file or folder")
         if os.path.isdir(p):
-            entries = sorted((e for e in os.listdir(p) if not e.startswith(".")), key=_natural_key)
+            entries = sorted((e for e in os.listdir(p) if not e.startswith(".")), key=natural_key)
             files = [os.path.join(p, e) for e in entries if os.path.isfile(os.path.join(p, e))
                      and (is_image_path(e) or e.lower().endswith(".npy"))]
             if not files:
@@ -77,21 +70,11 @@ def collect_inputs(paths):
 
 
 def _load_npy(path, mmap=True):
+    from ..errors import InputError
     try:
-        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "pickled" in text or "Python objects" in text or "Object arrays" in text:
-            raise CLIError(f"{path}: holds pickled Python objects, which are never loaded (allow_pickle=False); "
-                           "save a numeric array with numpy.save") from None
-        raise CLIError(f"{path}: not a readable .npy array ({text})") from None
-    if isinstance(arr, np.lib.npyio.NpzFile):  # np.load goes by the content: a zip is an .npz archive
-        names = arr.files
-        arr.close()
-        listed = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise CLIError(f"{path}: is an .npz archive (of {listed or 'no arrays'}), not a .npy array; save the "
-                       "input with numpy.save") from None
-    return arr
+        return read_npy(path, mmap)
+    except InputError as exc:  # found while validating: the command stops, naming the file
+        raise CLIError(str(exc)) from None
 
 
 @dataclass

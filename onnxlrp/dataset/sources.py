@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import InputError, LRPError
+from ..files import natural_key, read_npy
 from ..images import IMAGE_EXTENSIONS, detect_layout, is_image_path, load_image, normalize, split_shape, to_layout
 
 #: Parquet columns taken as the input when ``column`` is not given, in this order
@@ -30,11 +31,6 @@ ID_COLUMNS = ("path", "id", "name", "file")
 _GLOB = re.compile(r"[*?[]")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _GRAY = ((0.449,), (0.226,))
-
-
-def natural_key(name):
-    """img2 before img10, a.png before a2.png."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t]
 
 
 @dataclass(frozen=True)
@@ -167,22 +163,8 @@ def items_digest(items):
     return digest.hexdigest()
 
 
-def _open_npy(path):
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "pickle" in text or "Object arrays" in text:
-            raise InputError(f"{path}: holds pickled Python objects, which are never loaded") from None
-        raise InputError(f"{path}: not a readable .npy array ({text})") from None
-    if not isinstance(arr, np.ndarray):  # np.load goes by the content: an .npz archive
-        arr.close()
-        raise InputError(f"{path}: is an .npz archive, not a .npy array")
-    return arr
-
-
 def _npy_items(path, prep):
-    arr = _open_npy(path)
+    arr = read_npy(path)
     if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"{path}: dtype {arr.dtype}; .npy inputs must be floating-point arrays, already "
                          "preprocessed for the model")
@@ -273,7 +255,7 @@ class Decoder:
             x = self.image(path, name)
         elif kind == "npy":
             if self._npy[0] != path:
-                self._npy = (path, _open_npy(path))
+                self._npy = (path, read_npy(path))
             a = self._npy[1]
             x = np.asarray(a[row] if row is not None else a)
         else:
