@@ -28,7 +28,9 @@ def _sha256_text(text):
 
 
 def _model_hash(analyzer):
-    from ..cache import content_hash
+    from ..cache import ModelCache, content_hash
+    if isinstance(analyzer._cache, ModelCache) and analyzer._cache.content is not None:
+        return analyzer._cache.content  # the cache's key already holds the file's SHA-256: not read again
     if isinstance(analyzer._model, (str, os.PathLike)):
         found = content_hash(os.fspath(analyzer._model))
         if found is None:
@@ -38,9 +40,10 @@ def _model_hash(analyzer):
 
 
 def _rules_key(analyzer):
-    from ..cache import Uncacheable
+    from ..cache import ModelCache, Uncacheable
     try:
-        description = analyzer._cache_description()
+        description = (analyzer._cache.description if isinstance(analyzer._cache, ModelCache)
+                       else analyzer._cache_description())
     except Uncacheable:  # a rule with a lambda: what its listing says is all there is to compare
         description = analyzer.rules_listing()
     return _sha256_text(json.dumps(description, sort_keys=True, default=str))
@@ -161,7 +164,7 @@ def explain_dataset(model, composite=None, source=None, out=None, *, batch_size=
     seconds = time.perf_counter() - started
     result = DatasetRun(folder.out, len(items), run["shards"], len(done), sum(s["rows"] for s in summaries),
                         sum(s["errors"] for s in summaries), seconds, backend if todo else "nothing to do")
-    totals = _totals(folder, run["shards"])
+    totals = _totals(folder, done, summaries)
     folder.finish(run, {"totals": totals, "last_run": {"rows": result.rows, "errors": result.errors,
                                                        "seconds": round(seconds, 3), "skipped_shards": len(done),
                                                        "backend": backend}})
@@ -175,9 +178,10 @@ def _n_outputs(analyzer):
     return None
 
 
-def _totals(folder, n_shards):
-    rows = errors = 0
-    for k in range(n_shards):
+def _totals(folder, done, summaries):
+    """Rows and errors over every shard: this run's from their summaries, a previous run's read back."""
+    rows, errors = sum(s["rows"] for s in summaries), sum(s["errors"] for s in summaries)
+    for k in done:
         shard_rows = folder.read_rows(k)
         rows += len(shard_rows)
         errors += sum(r["status"] != "ok" for r in shard_rows)

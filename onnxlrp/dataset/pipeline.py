@@ -41,7 +41,7 @@ class GraphRelevance:
         self.normalize = np.asarray(bool(normalize_output_relevance))
 
     def __call__(self, x, selection):
-        from ..rewriter import NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED
+        from ..interface import NORMALIZE, OUTPUT, RELEVANCE, SELECTION, SELECTION_USED  # no onnx in an actor
         if selection is None:
             selection = np.full(len(x), -1, np.int64)
         return self.session.run([OUTPUT, RELEVANCE, SELECTION_USED],
@@ -79,7 +79,7 @@ class CoreSplit:
         self._current = self._analyze
         self._phase, self._batches, self._inputs, self._since = "warm", 0, 0, None
         self._decode = self._relevance = 0.0
-        self._rates = {}
+        self._rate_all_cores = None
         self._split = None
 
     def __call__(self, x, selection):
@@ -106,7 +106,7 @@ class CoreSplit:
             return
         rate = self._inputs / max(now - self._since, 1e-9)
         if self._phase == "time":
-            self._rates["all cores"] = rate
+            self._rate_all_cores = rate
             decode, relevance = self._decode / self._inputs, self._relevance / self._inputs
             share = decode / (decode + relevance * self.n)  # decoding's part of the CPU time per input
             if share < SPLIT_MIN_SHARE:
@@ -116,10 +116,9 @@ class CoreSplit:
             self._split = (self._split_session(self.n - d), d)
             self._current, self._phase, self._batches = self._split[0], "warm-split", 0
             return
-        self._rates["split"] = rate
         d = self._split[1]
-        rates = f"{self._rates['all cores']:.0f} vs {rate:.0f} inputs/s"
-        if rate > self._rates["all cores"]:
+        rates = f"{self._rate_all_cores:.0f} vs {rate:.0f} inputs/s"
+        if rate > self._rate_all_cores:
             self._finish(self._split[0], f"onnxruntime on {self.n - d} of {self.n} cores, decoding on {d} ({rates})")
         else:
             self._finish(None, f", kept ({rates} with onnxruntime on {self.n - d} cores)")
@@ -152,7 +151,7 @@ class ShardExplainer:
         self.batch_size = int(batch_size)
         self.output_selection = output_selection
         self.heatmap_options = heatmap_options
-        self._decoders = threading.local()  # one per worker thread: it keeps the file it reads open
+        self._thread_decoder = threading.local()  # a Decoder per worker thread: it keeps its file open
 
     def _batches(self, shards):
         for k, items in shards:
@@ -160,10 +159,11 @@ class ShardExplainer:
                 yield k, len(items), items[start:start + self.batch_size], start + self.batch_size >= len(items)
 
     def _load(self, batch, stop):
-        """(samples, {row: reason}) of one batch, on a worker thread."""
-        decoder = getattr(self._decoders, "decoder", None)
+        """(stacked samples or None, {row: reason}, decoding's CPU seconds per input) of one batch, on a worker
+        thread; None once ``stop`` is set."""
+        decoder = getattr(self._thread_decoder, "decoder", None)
         if decoder is None:
-            decoder = self._decoders.decoder = Decoder(self.prep)
+            decoder = self._thread_decoder.decoder = Decoder(self.prep)
         samples, errors = [], {}
         started = time.thread_time()
         for i, item in enumerate(batch[2]):

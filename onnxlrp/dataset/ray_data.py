@@ -1,8 +1,8 @@
 """Explaining a dataset on a Ray cluster (``explain_dataset(..., ray="auto" | ADDRESS)``, ``onnxlrp[ray]``).
 
 The driver exports the relevance graph once and puts it in Ray's object store; Ray Data maps the unfinished
-shards onto an actor pool (``map_batches`` with a callable class, ``concurrency`` actors, ``num_gpus`` each on
-clusters with GPUs). Each actor makes one onnxruntime session from that graph when it starts (no onnxlrp
+shards onto an actor pool (``map_batches`` with a callable class and an ``ActorPoolStrategy``, ``num_gpus``
+each on clusters with GPUs). Each actor makes one onnxruntime session from that graph when it starts (no onnxlrp
 rewriting on the workers) and explains whole shards with the same pipeline as one machine
 (onnxlrp.dataset.pipeline): the same batches, the same decoding, the same files, written by the actor into the
 output folder, which must therefore be on storage every node sees (a shared file system). The driver receives

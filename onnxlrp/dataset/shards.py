@@ -57,9 +57,6 @@ class OutputFolder:
             return {"relevance": base + ".npy", "rows": base + ".rows.json"}
         return {"parquet": base + ".parquet"}
 
-    def done_mark(self, k):
-        return self.files(k)["rows" if self.format == "npy" else "parquet"]
-
     def is_done(self, k):
         return all(os.path.isfile(p) for p in self.files(k).values())
 
@@ -83,7 +80,7 @@ class OutputFolder:
             if entry.startswith(".shard-") and entry.endswith(".partial"):
                 os.unlink(os.path.join(self.shards, entry))
         if previous is None:
-            self._check_no_strays(force)
+            self._check_no_strays()
             write_json(self.manifest, {**run, "status": "running"})
             return set()
         return {k for k in range(run["shards"]) if self.is_done(k)}
@@ -97,21 +94,18 @@ class OutputFolder:
         except (OSError, ValueError) as exc:
             raise InputError(f"{self.manifest}: not a readable manifest ({exc}); use another output folder or "
                              "force=True (--force) to start over") from None
-        differs = [k for k in run if k not in ("started",) and old.get(k) != run[k]]
+        differs = [k for k in run if old.get(k) != run[k]]
         if differs:
             what = ", ".join(differs[:4])
             raise InputError(f"{self.out}: holds a run of another configuration ({what} differ); use another "
                              "output folder, or force=True (--force) to replace it")
         return old
 
-    def _check_no_strays(self, force):
-        strays = [e for e in os.listdir(self.shards) if _SHARD.match(e)] if os.path.isdir(self.shards) else []
-        if strays and not force:
+    def _check_no_strays(self):
+        """Shards without a manifest are refused (``force`` has cleared them before this is asked)."""
+        if any(_SHARD.match(e) for e in os.listdir(self.shards)):
             raise InputError(f"{self.shards}: holds shards but {self.manifest} is missing; use another output "
                              "folder, or force=True (--force) to replace them")
-        if strays:
-            self.clear()
-            os.makedirs(self.shards, exist_ok=True)
 
     def clear(self):
         """Remove what a run writes (the manifest, shard files, heatmap folders), nothing else."""
