@@ -37,6 +37,12 @@ CONV_CASES = {
     "valid": ((2, 6, 7), (2, 2, 3, 3), {"auto_pad": "VALID", "strides": [2, 2]}),
     "pads_wider_than_kernel": ((1, 4, 4), (2, 1, 2, 2), {"pads": [2, 0, 3, 1]}),
     "dilation_depthwise_stride1": ((2, 6, 6), (2, 1, 3, 3), {"dilations": [2, 1], "group": 2, "pads": [2, 1, 2, 1]}),
+    # strided transposes: ResNet's first layer, even kernels, stride 3, groups, a kernel below the stride
+    "stride2_7x7_pad3": ((3, 11, 12), (4, 3, 7, 7), {"strides": [2, 2], "pads": [3, 3, 3, 3]}),
+    "stride2_even_kernel": ((2, 8, 7), (3, 2, 4, 4), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "stride3_asym_pads": ((2, 10, 9), (2, 2, 3, 3), {"strides": [3, 3], "pads": [0, 1, 2, 0]}),
+    "stride2_groups2": ((4, 7, 6), (4, 2, 3, 3), {"group": 2, "strides": [2, 2], "pads": [1, 0, 0, 1]}),
+    "stride2_kernel_1x1": ((2, 6, 7), (3, 2, 1, 1), {"strides": [2, 2]}),
 }
 
 

@@ -14,6 +14,9 @@ from .helpers import (F32, affine_jacobian, check_adjoint, check_grad_times_inpu
 
 MAXPOOL_CASES = {
     "2x2_stride2": ((2, 4, 6), {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    # tiling pools: square windows go through SpaceToDepth, others through Reshape + Transpose
+    "3x3_tiles": ((3, 6, 9), {"kernel_shape": [3, 3], "strides": [3, 3]}),
+    "1x2_tiles": ((3, 4, 6), {"kernel_shape": [1, 2], "strides": [1, 2]}),
     "3x3_stride2_pad1_overlap": ((2, 7, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     "3x3_stride1": ((1, 5, 5), {"kernel_shape": [3, 3]}),
     "asym_pads": ((2, 5, 6), {"kernel_shape": [3, 2], "strides": [1, 2], "pads": [2, 0, 0, 1]}),
@@ -253,13 +256,16 @@ def test_maxpool_ties_go_to_the_first_maximum(pads):
     """Tiling pools (kernel == stride, no pads) find winners with ArgMax, padded ones through MaxPool's
     Indices: both give a tied window's relevance to its first maximum, as MaxPool itself picks it."""
     x = np.array([[[[5, 5, 1, 2], [1, 0, 7, 7], [3, 3, 3, 3], [0, 3, 3, 0]]]], dtype=np.float32)
+    x = np.concatenate([x, x[..., ::-1]], axis=1)  # a second channel, mirrored: other winners
     nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=pads),
              helper.make_node("Flatten", ["p"], ["z"])]
-    model = make_model(nodes, [("x", [None, 1, 4, 4])], ["z"])
+    model = make_model(nodes, [("x", [None, 2, 4, 4])], ["z"])
     lrp = make_lrp(model, [onnxlrp.ZeroRule(), onnxlrp.PassRule()])
-    first = {0: (0, 0), 1: (1, 2), 2: (2, 0), 3: (2, 2)}  # window -> first maximum (row-major)
-    for window, (i, j) in first.items():
-        r = lrp.analyze(x, output_selection=window).val[0, 0]
-        expected = np.zeros((4, 4), np.float32)
-        expected[i, j] = 1.0
+    # output -> (channel, first maximum of its window, row-major)
+    first = {0: (0, 0, 0), 1: (0, 1, 2), 2: (0, 2, 0), 3: (0, 2, 2),
+             4: (1, 1, 0), 5: (1, 0, 2), 6: (1, 2, 0), 7: (1, 2, 2)}
+    for window, (c, i, j) in first.items():
+        r = lrp.analyze(x, output_selection=window).val[0]
+        expected = np.zeros((2, 4, 4), np.float32)
+        expected[c, i, j] = 1.0
         np.testing.assert_allclose(r, expected, atol=1e-6)
