@@ -25,7 +25,8 @@ from .rules import AlphaBetaRule, Rule
 
 if TYPE_CHECKING:
     import onnx
-from .runtime import check_device, cuda_provider_options, detach_weights, make_session, session_device, will_use_cuda
+from .runtime import (check_device, cuda_provider_options, detach_weights, make_session, prepacking_pays,
+                      session_device, will_use_cuda)
 
 GRAPH_DOC = """{title}.
 Inputs:
@@ -156,6 +157,8 @@ class LRP:
                                     gradient=self._gradient)
         self._rules = self._resolve_rules(self._rules_spec)
         _confirm_relu_outputs(self._layers, self._rules)
+        #: onnxruntime's weight pre-packing for this model's sessions (onnxlrp.runtime.prepacking_pays)
+        self.prepack_weights = prepacking_pays(self._layers)
         self._lap("layers", clock)
         x = next(t for t in loaded.graph.inputs if t.name == self.data_input)
         self._canonical_shape = tuple(x.shape[1:]) if x.shape is not None else None
@@ -236,7 +239,7 @@ class LRP:
                 "input_dtype": self.input_dtype.str, "output_shape": shape(self.output_shape),
                 "sequence_output": self.sequence_output, "canonical_shape": shape(self._canonical_shape),
                 "other_info": {k: [d.str, shape(s)] for k, (d, s) in self._other_info.items()},
-                "rules": self.rules_listing()}
+                "rules": self.rules_listing(), "prepack_weights": self.prepack_weights}
         return json.loads(json.dumps(meta))
 
     def _restore(self, meta):
@@ -250,6 +253,7 @@ class LRP:
         self.sequence_output = bool(meta["sequence_output"])
         self._canonical_shape = shape(meta["canonical_shape"])
         self._other_info = {k: (np.dtype(d), shape(s)) for k, (d, s) in meta["other_info"].items()}
+        self.prepack_weights = bool(meta["prepack_weights"])
         self._restored = json.loads(json.dumps(meta))
 
     def _cache_hit(self):
@@ -414,7 +418,7 @@ class LRP:
     def _session(self, model_bytes, weights=None, pending=None):
         try:
             return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options,
-                                weights=weights, save_to=None if pending is None else
+                                weights=weights, prepack=self.prepack_weights, save_to=None if pending is None else
                                 (pending.graph_path, WEIGHTS_FILE))
         except (ort.capi.onnxruntime_pybind11_state.NotImplemented,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:

@@ -371,7 +371,8 @@ class ModelCache:
             return None
         checker = entry.verifier()  # on the other core, while onnxruntime maps the weights
         try:
-            session = optimized_session(entry.graph_path, device, verbose)
+            prepack = bool(entry.meta.get("analyzer", {}).get("prepack_weights", True))
+            session = optimized_session(entry.graph_path, device, verbose, prepack=prepack)
         except Exception:
             session = None
         checker.join()

@@ -85,8 +85,14 @@ def detach_weights(graph) -> dict:
     return weights
 
 
-def _session_options(optimized=False):
+def _session_options(optimized=False, prepack=True):
     options = ort.SessionOptions()
+    if not prepack:
+        # onnxruntime copies every weight of a matrix product into its packed layout when the session is
+        # made. For products whose rows are the batch alone (a CNN's dense layers) that bought nothing per
+        # call on VGG16 (1536 vs 1522 ms at batch 2, within 2 % at 16) and cost 2 s of its 3 s session and
+        # 600-770 MiB of its peak. Transformers' products (rows: batch x tokens) keep it (see prepacking_pays).
+        options.add_session_config_entry("session.disable_prepacking", "1")
     # a graph onnxruntime optimized before (the cache's) is taken as it is
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized
                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
@@ -108,9 +114,10 @@ def save_optimized(options, path, weights_file):
                                      str(DETACH_MIN_BYTES))
 
 
-def optimized_session(path, device="auto", verbose=True):
+def optimized_session(path, device="auto", verbose=True, prepack=True):
     """A CPU session on a graph onnxruntime optimized and saved before (``save_optimized``)."""
-    session = ort.InferenceSession(path, _session_options(optimized=True), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, _session_options(optimized=True, prepack=prepack),
+                                   providers=["CPUExecutionProvider"])
     if device == "auto" and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
     return session
@@ -126,14 +133,15 @@ def will_use_cuda(device) -> bool:
 
 
 def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_options=None, profile=False,
-                 weights=None, save_to=None, threads=None):
+                 weights=None, save_to=None, threads=None, prepack=True):
     """An InferenceSession on the requested device. ``device``: "auto", "cpu" or "cuda". ``weights``: the
     arrays detach_weights took out of the graph; the session keeps them (onnxruntime reads their memory).
     ``save_to``: (path, weights file name) where onnxruntime writes the graph it optimized (CPU only).
     ``threads``: onnxruntime's intra-op threads (default: one per core), for sessions that share the cores
-    with other work; their idle threads then sleep instead of spinning, which would take those cores."""
+    with other work; their idle threads then sleep instead of spinning, which would take those cores.
+    ``prepack``: onnxruntime's weight pre-packing (see _session_options)."""
     check_device(device)
-    options = _session_options()
+    options = _session_options(prepack=prepack)
     if threads is not None:
         options.intra_op_num_threads = int(threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -161,6 +169,27 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
     if device == "auto" and "CUDAExecutionProvider" not in active and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
     return session
+
+
+#: dense weights (Gemm/MatMul) from which pre-packing them costs more than it brings (see prepacking_pays)
+PREPACK_DENSE_LIMIT = 64 << 20
+
+
+def prepacking_pays(layers) -> bool:
+    """Whether onnxruntime's weight pre-packing is worth its setup time and memory for these layers.
+    Transformers keep it: their products' rows are batch x tokens (a MatMul on (N, T, H)), and ViT-B and
+    BERT-base ran 4-10 % slower without it. A CNN's dense layers see (N, features): VGG16's 120 M dense
+    weights ran as fast unpacked and saved 2 s and 600-770 MiB. Below PREPACK_DENSE_LIMIT packing costs
+    little, and keeps results independent of the thread count: unpacked, MLAS splits a small product
+    (a 1024 -> 32 layer) over K when it has several threads."""
+    dense = 0
+    for layer in layers:
+        if layer.op_type == "MatMul" and layer.inputs[0].shape is not None and len(layer.inputs[0].shape) > 2:
+            return True
+        weight = getattr(layer.params, "weight", None)
+        if layer.op_type in ("Gemm", "MatMul") and weight is not None:
+            dense += np.asarray(weight).nbytes
+    return dense < PREPACK_DENSE_LIMIT
 
 
 def session_device(session) -> str:

@@ -40,3 +40,41 @@ def test_construction_phases_are_timed():
     assert all(v >= 0 for v in times.values())
     dynamic = onnxlrp.LRP(fixture_path("mlp"), verbose=False, device="cpu", cache=False)
     assert "session" in dynamic.construction_times  # the mlp's shape is static too
+
+
+def test_weight_prepacking_is_off_for_large_dense_layers_on_the_batch(tmp_path):
+    """onnxruntime's pre-packing stays on for small dense weights and for products over tokens, and goes
+    off for a CNN-style dense layer of PREPACK_DENSE_LIMIT bytes (VGG16: 2 s and 600+ MiB saved); a cache
+    hit runs its session the same way, with the same relevance."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlrp.runtime import PREPACK_DENSE_LIMIT
+    assert onnxlrp.LRP(fixture_path("vgg"), verbose=False, device="cpu", cache=False).prepack_weights
+    side = int(np.sqrt(PREPACK_DENSE_LIMIT // 4))
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((side, side)) / side ** 0.5).astype(np.float32)
+    tokens = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, side])], [numpy_helper.from_array(w, "W")]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert onnxlrp.LRP(tokens, verbose=False, device="cpu").prepack_weights
+    dense = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", side])], [numpy_helper.from_array(w, "W")]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "dense.onnx"
+    onnx.save(dense, path)
+    x = rng.standard_normal((2, side)).astype(np.float32)
+    built = onnxlrp.LRP(path, verbose=False, device="cpu", cache=tmp_path / "cache")
+    for pending in built._cache_writes:  # the entry is written on a thread
+        pending.wait()
+    hit = onnxlrp.LRP(path, verbose=False, device="cpu", cache=tmp_path / "cache")
+    assert (built.cache_status, hit.cache_status) == ("miss", "hit")
+    assert not built.prepack_weights and not hit.prepack_weights
+    # one linear layer, no bias: x_i W_ji / z_j for the top output j (LRP-0 and the default rules agree)
+    top = w[(x @ w.T).argmax(1)]
+    want = x * top / (x * top).sum(1, keepdims=True)
+    for analyzer in (built, hit):
+        np.testing.assert_allclose(analyzer.analyze(x).val, want, rtol=1e-3, atol=1e-6)

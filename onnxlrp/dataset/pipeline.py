@@ -135,7 +135,7 @@ class CoreSplit:
         from ..runtime import make_session
         a = self.analyzer
         graph = a._export(a._build(self.prep.sample_shape)).SerializeToString()
-        session = make_session(graph, "cpu", verbose=False, threads=threads)
+        session = make_session(graph, "cpu", verbose=False, threads=threads, prepack=a.prepack_weights)
         return GraphRelevance(session, a.data_input, a.normalize_output_relevance)
 
 

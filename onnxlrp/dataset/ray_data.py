@@ -26,7 +26,7 @@ class ShardActor:
     """One Ray actor: one relevance-graph session, whole shards explained per call."""
 
     def __init__(self, graph, data_input, normalize_output_relevance, prep, folder, batch_size, output_selection,
-                 heatmap_options, device, cpus):
+                 heatmap_options, device, cpus, prepack=True):
         import ray
 
         from ..runtime import make_session
@@ -36,7 +36,7 @@ class ShardActor:
         # the actor's CPUs: one decoding thread, onnxruntime on the others (at least one), not spinning, so
         # that actors sharing a node do not take each other's cores
         threads = max(1, int(cpus) - 1) if device == "cpu" else None
-        session = make_session(graph, device, verbose=False, threads=threads)
+        session = make_session(graph, device, verbose=False, threads=threads, prepack=prepack)
         self.explainer = ShardExplainer(GraphRelevance(session, data_input, normalize_output_relevance), prep,
                                         folder, batch_size, output_selection, heatmap_options, decoders=1)
 
@@ -90,7 +90,7 @@ def run_on_ray(analyzer, graph, shards, folder, prep, batch_size, output_selecti
                                        normalize_output_relevance=analyzer.normalize_output_relevance, prep=prep,
                                        folder=folder, batch_size=batch_size, output_selection=output_selection,
                                        heatmap_options=heatmap_options, device=device,
-                                       cpus=cpus_per_worker))
+                                       cpus=cpus_per_worker, prepack=analyzer.prepack_weights))
         summaries = []
         for row in ds.iter_rows():
             summary = {key: int(row[key]) for key in ("shard", "rows", "errors")}
