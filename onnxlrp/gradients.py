@@ -63,7 +63,7 @@ class Gradient(LRP):
     def _resolve_rules(self, spec):
         return [GradientRule() for _ in self.layers]
 
-    def _check_explosion(self, x, expl, feeds):
+    def _check_explosion(self, x, expl, feeds, total):
         """A gradient has no conservation to break: its size is the model's."""
 
 
