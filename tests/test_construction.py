@@ -42,15 +42,18 @@ def test_construction_phases_are_timed():
     assert "session" in dynamic.construction_times  # the mlp's shape is static too
 
 
-def test_weight_prepacking_is_off_for_large_dense_layers_on_the_batch(tmp_path):
+def test_weight_prepacking_is_off_for_large_dense_layers_on_the_batch(tmp_path, monkeypatch):
     """onnxruntime's pre-packing stays on for small dense weights and for products over tokens, and goes
     off for a CNN-style dense layer of PREPACK_DENSE_LIMIT bytes (VGG16: 2 s and 600+ MiB saved); a cache
-    hit runs its session the same way, with the same relevance."""
+    hit runs its session the same way, with the same relevance. The limit is lowered to 1 MiB here: a
+    64 MiB weight would raise this process's peak RSS, which every later subprocess inherits as its own
+    ru_maxrss (test_hostile_models measures one)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxlrp.runtime import PREPACK_DENSE_LIMIT
+    import onnxlrp.runtime
     assert onnxlrp.LRP(fixture_path("vgg"), verbose=False, device="cpu", cache=False).prepack_weights
-    side = int(np.sqrt(PREPACK_DENSE_LIMIT // 4))
+    monkeypatch.setattr(onnxlrp.runtime, "PREPACK_DENSE_LIMIT", 1 << 20)
+    side = 512  # 1 MiB of float32
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((side, side)) / side ** 0.5).astype(np.float32)
     tokens = helper.make_model(helper.make_graph(
