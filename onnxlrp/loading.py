@@ -39,6 +39,7 @@ from google.protobuf.message import DecodeError
 
 from ._onnx_utils import EMIT_IR_VERSION, MIN_EMIT_OPSET, default_opset, format_shape, node_label, quoted
 from .errors import InputError, ModelLoadError
+from . import model_file
 from .folding import bound_constant_folding, fold_byte_limit
 
 from .interface import BATCH_DIM  # noqa: E402,F401
@@ -68,22 +69,59 @@ class LoadedModel:
 
 
 def _read_model(path: str):
-    """(the model with its external data read in, whether it had any)."""
+    """(the model, whether it holds external data, {initializer name: array} read by model_file: their
+    TensorProtos in the model hold empty raw data)."""
     if "\0" in path:  # os.stat would raise a bare "embedded null byte" ValueError
         raise ModelLoadError(f"{path!r}: the path holds a NUL byte; expected a file name")
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise ModelLoadError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+    model, arrays = _read_protobuf_file(path)
+    if model is None:  # an unusual layout or a text format: onnx's own reader
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+            raise ModelLoadError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node and not model.graph.input:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph inside)")
     external = any(True for _ in _external_tensors(model))
     _load_external_data(model, path)
-    return model, external
+    return model, external, arrays
+
+
+def _raw_size_error(path):
+    return lambda tensor, expected, got: ModelLoadError(
+        f"{path}: tensor {quoted(tensor.name)} of shape {format_shape(tensor.dims)} needs {expected} bytes, "
+        f"its raw data holds {got}")
+
+
+def _read_protobuf_file(path: str):
+    """(skeleton ModelProto, arrays) through model_file's one-pass reader, or (None, {}) where onnx.load
+    must read the file: a text format by its extension, or a layout the reader does not take."""
+    if onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) not in (
+            None, "protobuf"):
+        return None, {}
+    # O_NONBLOCK: opening a FIFO returns at once (and fstat refuses it) instead of waiting for a writer
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"{path}: is {_file_kind(st.st_mode)}; expected an .onnx file")
+        try:
+            skeleton, payloads = model_file.read_skeleton(f, st.st_size)
+        except model_file.UnusualLayout:
+            return None, {}
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(skeleton)
+    except DecodeError:
+        return None, {}  # onnx.load names the problem as it always has
+    return model, model_file.attach(model, payloads, _raw_size_error(path))
 
 
 def _external_tensors(model):
@@ -199,15 +237,37 @@ def _check(model, source: str) -> None:
         raise ModelLoadError(f"{source}: fails onnx's checker: {first}") from None
 
 
-def _upgrade_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+def _upgrade_opset(model: onnx.ModelProto, source: str, arrays: dict) -> onnx.ModelProto:
+    """The model at opset MIN_EMIT_OPSET. The converter's adapters for an upgrade move attributes to
+    inputs and never read an initializer's data, so the skeleton is converted as it is (no copy of the
+    weights); should it fail or lose one of the ``arrays``' tensors, the weights go back into the model
+    and it is converted again."""
     opset = default_opset(model)
     if opset >= MIN_EMIT_OPSET:
         return model
+    if arrays:
+        try:
+            converted = onnx.version_converter.convert_version(model, MIN_EMIT_OPSET)
+        except Exception:  # converted again below, with the data
+            converted = None
+        if converted is not None and _kept_initializers(model, converted, arrays):
+            return converted
+        model_file.restore(model, arrays)
+        arrays.clear()
     try:
         return onnx.version_converter.convert_version(model, MIN_EMIT_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors/IndexErrors
         raise ModelLoadError(
             f"{source}: cannot convert opset {opset} to {MIN_EMIT_OPSET}: {exc}") from None
+
+
+def _kept_initializers(before, after, arrays) -> bool:
+    """Whether every initializer read into ``arrays`` is in ``after`` as it was in ``before``: same dims and
+    data type, raw data still empty (the converter neither read, replaced nor dropped it)."""
+    def described(model):
+        return {t.name: (tuple(t.dims), t.data_type, t.raw_data == b"") for t in model.graph.initializer
+                if t.name in arrays}
+    return described(after) == described(before)
 
 
 def _is_float(tensor) -> bool:
@@ -503,28 +563,35 @@ def load_model(model, input_name: str | None = None, feature_shape=None, *,
     check_target = None
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
-        proto, external = _read_model(source)
-        # a large self-contained file is checked from disk: onnx's checker on a ModelProto serializes it
-        # first (VGG16: 4.8 s of 8 s loading), on a path its C++ side reads the file itself
-        if not external and os.path.getsize(source) >= CHECK_FROM_FILE_BYTES:
+        proto, external, arrays = _read_model(source)
+        # a large self-contained file that onnx.load had to read is checked from disk: onnx's checker on
+        # a ModelProto serializes it first (VGG16: 4.8 s of 8 s loading), on a path its C++ side reads the
+        # file itself. model_file's skeleton is small: checked as it is.
+        if not external and not arrays and os.path.getsize(source) >= CHECK_FROM_FILE_BYTES:
             check_target = source
     elif isinstance(model, onnx.ModelProto):
         source = "<ModelProto>"
-        proto = onnx.ModelProto()
+        proto, arrays = onnx.ModelProto(), {}
         proto.CopyFrom(model)
         if any(True for _ in _external_tensors(proto)):
             raise ModelLoadError("<ModelProto>: tensors hold external data; pass the model's path instead")
     else:
         raise ModelLoadError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
 
-    _check(check_target or proto, source)
+    _check(check_target or (model_file.checkable(proto, arrays) if arrays else proto), source)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
-    proto = _upgrade_opset(proto, source)
+    proto = _upgrade_opset(proto, source, arrays)
     # IR < 4 lists initializers as inputs and shape inference ignores the ones that are not: lift it.
     proto.ir_version = max(proto.ir_version, EMIT_IR_VERSION)
 
     graph = gs.import_onnx(proto)
+    if arrays:
+        tensors = graph.tensors()
+        for name, array in arrays.items():
+            if name in tensors:  # an initializer no node reads is not in gs's graph
+                tensors[name].values = array
+        del arrays
     # Old IR versions list initializers as inputs too; gs already turned those into Constants.
     data_inputs = [t for t in graph.inputs if isinstance(t, gs.Variable)]
     if not data_inputs:
