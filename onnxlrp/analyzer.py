@@ -337,7 +337,7 @@ class LRP:
         if key in built:
             return built[key]
         clock = time.perf_counter()
-        pending = None
+        entry_shape = None  # the key of the cache entry this graph is written to (False: none)
         if self._cache is not None and concept_layer is None:
             # the file's own static shape has the key the construction looks for (a token model's canonical
             # shape is only the length its layers were found with)
@@ -348,7 +348,7 @@ class LRP:
                 self._out_shapes[feature_shape] = shape_of(found[0].meta["output_shape"])
                 built[key] = ((feature_shape, None), found[1])
                 return built[key]
-            pending = self._cache.start_entry(shape_key)
+            entry_shape = shape_key
         from .rewriter import export_relevance_model
         graph, doc = self._emit(feature_shape, concept_layer)
         clock = self._lap("emit", clock)
@@ -361,6 +361,11 @@ class LRP:
         # relevance_model / save emit it again.
         del graph
         clock = self._lap("serialize", clock)
+        pending = None
+        if self._cache is not None and concept_layer is None:
+            # only now: the model file's hash (its key) runs on a thread beside the loading and the emission
+            pending = self._cache.start_entry(entry_shape)
+            clock = self._lap("cache", clock)
         try:
             session = self._session(model_bytes, weights, pending)
         except BaseException:
