@@ -32,3 +32,8 @@ def main(argv=None, standalone_mode=True):
 
 
 __all__ = ["main"]
+
+
+# The commands' modules import app, which imports them at its end to register them: importing app first
+# lets `import onnxlrp.cli.explain` (or audit, dataset) work on its own.
+from . import app as _app  # noqa: E402,F401

@@ -352,8 +352,10 @@ def remove_dirs(created):
 
 
 def save_png(img, target):
+    # zlib level 1, as explain_dataset writes them: a 224x224 heatmap encodes in 6.4 ms instead of Pillow's
+    # default level 6's 21.6, for files 0-16 % larger (lossless either way)
     with atomic_write(target) as f:
-        img.save(f, format="PNG")
+        img.save(f, format="PNG", compress_level=1)
 
 
 def save_npy(arr, target):
