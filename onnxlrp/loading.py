@@ -552,6 +552,58 @@ def _materialize_constants(graph: gs.Graph) -> None:
             tensor.values = tensor._values.load()
 
 
+def _imported(model, source):
+    """(the checked ModelProto at opset MIN_EMIT_OPSET, its gs graph with every weight read)."""
+    check_target = None
+    if isinstance(model, onnx.ModelProto):
+        proto, arrays = onnx.ModelProto(), {}
+        proto.CopyFrom(model)
+        if any(True for _ in _external_tensors(proto)):
+            raise ModelLoadError("<ModelProto>: tensors hold external data; pass the model's path instead")
+    else:
+        proto, external, arrays = _read_model(source)
+        # a large self-contained file that onnx.load had to read is checked from disk: onnx's checker on
+        # a ModelProto serializes it first (VGG16: 4.8 s of 8 s loading), on a path its C++ side reads the
+        # file itself. model_file's skeleton is small: checked as it is.
+        if not external and not arrays and os.path.getsize(source) >= CHECK_FROM_FILE_BYTES:
+            check_target = source
+    _check(check_target or (model_file.checkable(proto, arrays) if arrays else proto), source)
+    _check_data_types(proto, source)
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    proto = _upgrade_opset(proto, source, arrays)
+    # IR < 4 lists initializers as inputs and shape inference ignores the ones that are not: lift it.
+    proto.ir_version = max(proto.ir_version, EMIT_IR_VERSION)
+    try:
+        graph = gs.import_onnx(proto)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:  # what onnx's checker lets by
+        raise ModelLoadError(f"{source}: onnx-graphsurgeon cannot read the graph: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if arrays:
+        tensors = graph.tensors()
+        for name, array in arrays.items():
+            if name in tensors:  # an initializer no node reads is not in gs's graph
+                tensors[name].values = array
+    return proto, graph
+
+
+_KNOWN_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+
+
+def _check_data_types(model, source) -> None:
+    """onnx's checker lets any number through as a tensor's data type (a flipped byte makes a float weight
+    type 69); name the tensor before onnx-graphsurgeon's bare KeyError would."""
+    graph = model.graph
+    for tensor in graph.initializer:
+        if tensor.data_type not in _KNOWN_DATA_TYPES:
+            raise ModelLoadError(f"{source}: tensor {quoted(tensor.name)} has data type {tensor.data_type}, which "
+                                 "ONNX does not define")
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type not in _KNOWN_DATA_TYPES | {0}:
+            raise ModelLoadError(f"{source}: value {quoted(info.name)} has element type "
+                                 f"{info.type.tensor_type.elem_type}, which ONNX does not define")
+
+
 def load_model(model, input_name: str | None = None, feature_shape=None, *,
                max_fold_bytes: int | None = None) -> LoadedModel:
     """Read and normalize a model given as a path or an onnx.ModelProto. ``feature_shape`` (the data
@@ -560,38 +612,17 @@ def load_model(model, input_name: str | None = None, feature_shape=None, *,
     ``max_fold_bytes``: the most bytes one tensor computed by constant folding may take (default
     $ONNXLRP_MAX_FOLD_BYTES, else DEFAULT_MAX_FOLD_BYTES); see the module docstring."""
     fold_limit = fold_byte_limit(max_fold_bytes)
-    check_target = None
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
-        proto, external, arrays = _read_model(source)
-        # a large self-contained file that onnx.load had to read is checked from disk: onnx's checker on
-        # a ModelProto serializes it first (VGG16: 4.8 s of 8 s loading), on a path its C++ side reads the
-        # file itself. model_file's skeleton is small: checked as it is.
-        if not external and not arrays and os.path.getsize(source) >= CHECK_FROM_FILE_BYTES:
-            check_target = source
     elif isinstance(model, onnx.ModelProto):
         source = "<ModelProto>"
-        proto, arrays = onnx.ModelProto(), {}
-        proto.CopyFrom(model)
-        if any(True for _ in _external_tensors(proto)):
-            raise ModelLoadError("<ModelProto>: tensors hold external data; pass the model's path instead")
     else:
         raise ModelLoadError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
-
-    _check(check_target or (model_file.checkable(proto, arrays) if arrays else proto), source)
-    if proto.functions:
-        proto = onnx.inliner.inline_local_functions(proto)
-    proto = _upgrade_opset(proto, source, arrays)
-    # IR < 4 lists initializers as inputs and shape inference ignores the ones that are not: lift it.
-    proto.ir_version = max(proto.ir_version, EMIT_IR_VERSION)
-
-    graph = gs.import_onnx(proto)
-    if arrays:
-        tensors = graph.tensors()
-        for name, array in arrays.items():
-            if name in tensors:  # an initializer no node reads is not in gs's graph
-                tensors[name].values = array
-        del arrays
+    try:
+        proto, graph = _imported(model, source)
+    except UnicodeDecodeError as exc:  # protobuf decodes a string field when it is first read
+        raise ModelLoadError(f"{source}: not an ONNX model (a name or string field is not valid UTF-8: "
+                             f"{exc.reason})") from None
     # Old IR versions list initializers as inputs too; gs already turned those into Constants.
     data_inputs = [t for t in graph.inputs if isinstance(t, gs.Variable)]
     if not data_inputs:
