@@ -182,8 +182,9 @@ def attach(model, payloads: dict[int, np.ndarray], itemsize_error) -> dict[str, 
     for index, buffer in payloads.items():
         tensor = initializers[index]
         dtype = _NUMPY_TYPES.get(tensor.data_type)
-        if dtype is None or sys.byteorder != "little" or tensor.data_location == 1 or names[tensor.name] > 1:
-            # 1: EXTERNAL. A duplicate name stays for onnx's checker to refuse.
+        if dtype is None or sys.byteorder != "little" or tensor.data_location == 1 or names[tensor.name] > 1 \
+                or _other_value_fields(tensor):
+            # 1: EXTERNAL. A duplicate name, or values in a second field, stay for onnx's checker to refuse.
             tensor.raw_data = buffer.tobytes()  # onnx's own conversion, or its checker's refusal
             continue
         expected = math.prod(tensor.dims) * np.dtype(dtype).itemsize  # exact: no int64 wrap-around
@@ -191,6 +192,12 @@ def attach(model, payloads: dict[int, np.ndarray], itemsize_error) -> dict[str, 
             raise itemsize_error(tensor, expected, buffer.nbytes)
         arrays[tensor.name] = buffer.view(dtype).reshape(tuple(tensor.dims))
     return arrays
+
+
+def _other_value_fields(tensor) -> bool:
+    """Whether ``tensor`` holds values besides its raw data (or is a segment), which onnx's checker refuses."""
+    return tensor.HasField("segment") or any(len(getattr(tensor, f)) for f in (
+        "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"))
 
 
 def checkable(model, arrays: dict[str, np.ndarray]):

@@ -257,3 +257,14 @@ def test_mutated_files_load_or_are_refused_in_one_line(tmp_path):
             assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc), str(exc)
             outcomes["refused"] += 1
     assert outcomes["loaded"] > 20 and outcomes["refused"] > 20, outcomes  # both kinds were exercised
+
+
+def test_raw_data_beside_typed_values_is_refused(tmp_path):
+    """The checker refuses a tensor with two value fields; the reader leaves such a tensor to it."""
+    model, _ = _gemm_model(np.random.default_rng(9))
+    model.graph.initializer[0].float_data.append(1.0)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    error = pytest.raises(onnxlrp.ModelLoadError, load_model, str(path)).value
+    assert str(error) == (f"{path}: fails onnx's checker: TensorProto (tensor name: w) should contain one and only "
+                          "one value field.")
