@@ -96,22 +96,22 @@ def _raw_size_error(path):
         f"its raw data holds {got}")
 
 
+#: Files from this size on go through model_file's one-pass reader. Its walk is Python, field by field: on a
+#: 650 KB graph of 1000 nodes (NASNetMobile) it takes 60 ms where onnx.load takes 1.5; on VGG16's 528 MB it
+#: saves 2.2 s.
+ONE_PASS_FROM_BYTES = 16 << 20
+
+
 def _read_protobuf_file(path: str):
     """(skeleton ModelProto, arrays) through model_file's one-pass reader, or (None, {}) where onnx.load
-    must read the file: a text format by its extension, or a layout the reader does not take."""
+    must read the file: a small file, a text format by its extension, or a layout the reader does not take."""
     if onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) not in (
             None, "protobuf"):
         return None, {}
-    # O_NONBLOCK: opening a FIFO returns at once (and fstat refuses it) instead of waiting for a writer
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ModelLoadError(f"{path}: is {_file_kind(st.st_mode)}; expected an .onnx file")
+    f, st = _open_regular(path, f"{path}:", "an .onnx file")
+    with f:
+        if st.st_size < ONE_PASS_FROM_BYTES:
+            return None, {}
         try:
             skeleton, payloads = model_file.read_skeleton(f, st.st_size)
         except model_file.UnusualLayout:
@@ -136,6 +136,23 @@ def _file_kind(mode) -> str:
         if test(mode):
             return kind
     return "not a regular file"
+
+
+def _open_regular(target, what, expected):
+    """(``target`` opened for binary reading, its fstat), or a ModelLoadError "{what} is a named pipe
+    (FIFO); expected {expected}". O_NONBLOCK: opening a FIFO returns at once and the fstat refuses it,
+    instead of waiting for a writer."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(target, flags)
+    except OSError as exc:
+        raise ModelLoadError(f"{what} cannot be read ({exc.strerror})") from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise ModelLoadError(f"{what} is {_file_kind(st.st_mode)}; expected {expected}")
+    return f, st
 
 
 def _external_int(path, tensor, info, key) -> int | None:
@@ -196,17 +213,8 @@ def _load_external_data(model: onnx.ModelProto, path: str) -> None:
             raise ModelLoadError(f"{path}: {what} is {_file_kind(mode)}; expected a regular file")
         offset = _external_int(path, tensor, info, "offset") or 0
         length = _external_int(path, tensor, info, "length")
-        # O_NONBLOCK: should the file be swapped for a FIFO after the stat above, open returns at once
-        # (and the fstat below refuses it) instead of waiting for a writer.
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-        try:
-            fd = os.open(target, flags)
-        except OSError as exc:
-            raise ModelLoadError(f"{path}: {what} cannot be read ({exc.strerror})") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ModelLoadError(f"{path}: {what} is {_file_kind(st.st_mode)}; expected a regular file")
+        f, st = _open_regular(target, f"{path}: {what}", "a regular file")  # swapped for a FIFO since the stat?
+        with f:
             available = st.st_size - offset
             if length is None:
                 length = max(available, 0)

@@ -13,12 +13,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlrp
-from onnxlrp import model_file
+from onnxlrp import loading, model_file
 from onnxlrp.loading import load_model
 
 from .helpers import F32, make_lrp, make_model
 
 n = helper.make_node
+
+
+@pytest.fixture(autouse=True)
+def one_pass_for_every_size(monkeypatch):
+    """The reader takes files from 16 MiB on; these tests' files are small."""
+    monkeypatch.setattr(loading, "ONE_PASS_FROM_BYTES", 0)
 BIG = model_file.RAW_DATA_MIN_BYTES // 4 + 7  # float32 elements just over the threshold
 
 
@@ -268,3 +274,12 @@ def test_raw_data_beside_typed_values_is_refused(tmp_path):
     error = pytest.raises(onnxlrp.ModelLoadError, load_model, str(path)).value
     assert str(error) == (f"{path}: fails onnx's checker: TensorProto (tensor name: w) should contain one and only "
                           "one value field.")
+
+
+def test_small_files_are_read_by_onnx_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "ONE_PASS_FROM_BYTES", 16 << 20)
+    monkeypatch.setattr(model_file, "read_skeleton", lambda *a: pytest.fail("the one-pass reader ran"))
+    model, weights = _gemm_model(np.random.default_rng(10))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.testing.assert_array_equal(load_model(str(path)).graph.tensors()["w"].values, weights["w"])
