@@ -337,8 +337,8 @@ class LRP:
         if key in built:
             return built[key]
         clock = time.perf_counter()
-        entry_shape = None  # the key of the cache entry this graph is written to (False: none)
-        if self._cache is not None and concept_layer is None:
+        cached = self._cache is not None and concept_layer is None
+        if cached:
             # the file's own static shape has the key the construction looks for (a token model's canonical
             # shape is only the length its layers were found with)
             static = self.input_shape is not None and all(isinstance(d, int) for d in self.input_shape[1:])
@@ -348,7 +348,7 @@ class LRP:
                 self._out_shapes[feature_shape] = shape_of(found[0].meta["output_shape"])
                 built[key] = ((feature_shape, None), found[1])
                 return built[key]
-            entry_shape = shape_key
+            entry_shape = shape_key  # the entry's shape key (None: the file's own shape)
         from .rewriter import export_relevance_model
         graph, doc = self._emit(feature_shape, concept_layer)
         clock = self._lap("emit", clock)
@@ -362,7 +362,7 @@ class LRP:
         del graph
         clock = self._lap("serialize", clock)
         pending = None
-        if self._cache is not None and concept_layer is None:
+        if cached:
             # only now: the model file's hash (its key) runs on a thread beside the loading and the emission
             pending = self._cache.start_entry(entry_shape)
             clock = self._lap("cache", clock)

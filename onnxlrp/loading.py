@@ -105,12 +105,11 @@ ONE_PASS_FROM_BYTES = 16 << 20
 def _read_protobuf_file(path: str):
     """(skeleton ModelProto, arrays) through model_file's one-pass reader, or (None, {}) where onnx.load
     must read the file: a small file, a text format by its extension, or a layout the reader does not take."""
-    if onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) not in (
-            None, "protobuf"):
-        return None, {}
-    f, st = _open_regular(path, f"{path}:", "an .onnx file")
+    f, st = _open_regular(path, f"{path}:", "an .onnx file")  # onnx.load would block on a FIFO
     with f:
-        if st.st_size < ONE_PASS_FROM_BYTES:
+        text_format = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) \
+            not in (None, "protobuf")
+        if text_format or st.st_size < ONE_PASS_FROM_BYTES:
             return None, {}
         try:
             skeleton, payloads = model_file.read_skeleton(f, st.st_size)
@@ -596,6 +595,7 @@ def _imported(model, source):
 
 
 _KNOWN_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+_KNOWN_ELEMENT_TYPES = _KNOWN_DATA_TYPES | {onnx.TensorProto.UNDEFINED}  # a value's type may be left unset
 
 
 def _check_data_types(model, source) -> None:
@@ -607,7 +607,7 @@ def _check_data_types(model, source) -> None:
             raise ModelLoadError(f"{source}: tensor {quoted(tensor.name)} has data type {tensor.data_type}, which "
                                  "ONNX does not define")
     for info in (*graph.input, *graph.output, *graph.value_info):
-        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type not in _KNOWN_DATA_TYPES | {0}:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type not in _KNOWN_ELEMENT_TYPES:
             raise ModelLoadError(f"{source}: value {quoted(info.name)} has element type "
                                  f"{info.type.tensor_type.elem_type}, which ONNX does not define")
 

@@ -57,8 +57,8 @@ def _varint_bytes(value: int) -> bytes:
 class _Wire:
     """A reader of protobuf fields from a binary file, counting its position."""
 
-    def __init__(self, f, size: int):
-        self.f, self.pos, self.size = f, 0, size
+    def __init__(self, f):
+        self.f, self.pos = f, 0
 
     def read(self, n: int) -> bytes:
         data = self.f.read(n)
@@ -66,6 +66,12 @@ class _Wire:
             raise UnusualLayout("truncated")
         self.pos += n
         return data
+
+    def read_into(self, buffer: np.ndarray) -> None:
+        """Fill ``buffer`` (its length checked by the caller) straight from the file."""
+        if self.f.readinto(memoryview(buffer)) != buffer.nbytes:
+            raise UnusualLayout("truncated")
+        self.pos += buffer.nbytes
 
     def varint(self) -> tuple[int, bytes]:
         raw = bytearray()
@@ -118,7 +124,7 @@ class _Wire:
 def read_skeleton(f, size: int) -> tuple[bytes, dict[int, np.ndarray]]:
     """(the ModelProto bytes with large raw_data payloads emptied, {index in graph.initializer: payload
     as uint8}) from the binary file ``f`` of ``size`` bytes, read from its start."""
-    wire = _Wire(f, size)
+    wire = _Wire(f)
     payloads: dict[int, np.ndarray] = {}
     model = bytearray()
     seen_graph = False
@@ -160,9 +166,7 @@ def _tensor(wire: _Wire, end: int, payloads: dict, index: int) -> bytes:
             n, raw = wire.length(end)
             if n >= RAW_DATA_MIN_BYTES:
                 buffer = np.empty(n, np.uint8)
-                if wire.f.readinto(memoryview(buffer)) != n:
-                    raise UnusualLayout("truncated")
-                wire.pos += n
+                wire.read_into(buffer)
                 payloads[index] = buffer
                 out += key + b"\x00"  # present and empty: the checker still sees one value field
             else:
