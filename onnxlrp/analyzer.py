@@ -25,8 +25,8 @@ from .rules import AlphaBetaRule, Rule
 
 if TYPE_CHECKING:
     import onnx
-from .runtime import (check_device, cuda_provider_options, detach_weights, make_session, prepacking_pays,
-                      session_device, will_use_cuda)
+from .runtime import (WeightFeedingSession, check_device, cuda_provider_options, detach_weights,
+                      lift_dense_weights, make_session, prepacking_pays, session_device, will_use_cuda)
 
 GRAPH_DOC = """{title}.
 Inputs:
@@ -355,19 +355,19 @@ class LRP:
         # float32: the weights go to the session as arrays, not through protobuf (float64 may need the
         # whole bytes for onnx's reference evaluator)
         weights = detach_weights(graph) if self._dtype == np.float32 else None
+        # without pre-packing, the dense weights are cheaper as inputs than as initializers (see there)
+        weight_inputs = (lift_dense_weights(graph, weights) if weights and not self.prepack_weights and
+                         not will_use_cuda(self.device) else None)
         model_bytes = export_relevance_model(graph, self.opset, doc).SerializeToString()  # the proto goes
         self._out_shapes[feature_shape] = tuple(graph.outputs[0].shape) if graph.outputs[0].shape else None
         # The session holds what it needs (and the detached arrays); the emitted graph is let go, and
         # relevance_model / save emit it again.
         del graph
         clock = self._lap("serialize", clock)
-        pending = None
-        if cached:
-            # only now: the model file's hash (its key) runs on a thread beside the loading and the emission
-            pending = self._cache.start_entry(entry_shape)
-            clock = self._lap("cache", clock)
+        # the model file's hash (the entry's key) runs on a thread beside all this; the entry waits for it
+        pending = self._cache.start_entry(entry_shape) if cached else None
         try:
-            session = self._session(model_bytes, weights, pending)
+            session = self._session(model_bytes, weights, pending, weight_inputs)
         except BaseException:
             if pending is not None:
                 pending.abandon()
@@ -375,10 +375,10 @@ class LRP:
         if pending is not None:
             pending.finish({"analyzer": self._metadata(), "shape": list(feature_shape),
                             "output_shape": None if self._out_shapes[feature_shape] is None else
-                            list(self._out_shapes[feature_shape])})
+                            list(self._out_shapes[feature_shape])}, weight_inputs)
             self._cache_writes.append(pending)
         self._lap("session", clock)
-        del model_bytes, weights
+        del model_bytes, weights, weight_inputs
         built[key] = ((feature_shape, concept_layer), session)
         return built[key]
 
@@ -420,11 +420,11 @@ class LRP:
             lower_double_ops(graph)
         return graph, doc
 
-    def _session(self, model_bytes, weights=None, pending=None):
+    def _session(self, model_bytes, weights=None, pending=None, weight_inputs=None):
         try:
             return make_session(model_bytes, self.device, verbose=self.verbose, cuda_options=self.cuda_options,
                                 weights=weights, prepack=self.prepack_weights, save_to=None if pending is None else
-                                (pending.graph_path, WEIGHTS_FILE))
+                                (pending.graph_path, WEIGHTS_FILE), weight_inputs=weight_inputs)
         except (ort.capi.onnxruntime_pybind11_state.NotImplemented,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
             if self._dtype != np.float64 or ("tensor(double)" not in str(e) and "implementation for" not in str(e)):
@@ -902,7 +902,7 @@ def _session_facts(session):
     shapes nor a device (None)."""
     facts = getattr(session, "_onnxlrp_facts", None)
     if facts is None:
-        if isinstance(session, ort.InferenceSession):
+        if isinstance(session, (ort.InferenceSession, WeightFeedingSession)):
             facts = ([o.name for o in session.get_outputs()], {i.name: tuple(i.shape) for i in session.get_inputs()},
                      session_device(session))
         else:

@@ -4,8 +4,9 @@ the time onnxruntime needs to map the weights (ResNet50 in a fresh process, impo
 
 What is kept: onnxruntime's own optimized form of the relevance graph (``optimized_model_filepath``: the
 constant folding and the NCHWc weight layouts of ``ORT_ENABLE_ALL`` done once), its weights in one file that
-onnxruntime maps instead of reading, and what the analyzer needs to run it (input and output names and
-shapes). A hit builds no canonized graph: layers, rules and the canonization report are made from the model
+onnxruntime maps instead of reading, the large dense weights the graph takes as inputs in another
+(``inputs.weights``, written by onnxlrp on a thread and mapped by numpy: onnxruntime took 1.2 s to copy and
+write VGG16's), and what the analyzer needs to run it (input and output names and shapes). A hit builds no canonized graph: layers, rules and the canonization report are made from the model
 when something asks for them (``show_layer_indices``, another input shape, a diagnosis).
 
 Where: ``$ONNXLRP_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxlrp``, else ``~/.cache/onnxlrp``; ``LRP(...,
@@ -47,6 +48,10 @@ import numpy as np
 FORMAT = 1
 DEFAULT_MAX_BYTES = 20 << 30
 GRAPH_FILE, WEIGHTS_FILE, ENTRY_FILE = "relevance.onnx", "relevance.weights", "entry.json"
+#: the weights the graph takes as inputs (onnxlrp.runtime.lift_dense_weights), written by onnxlrp
+INPUTS_FILE = "inputs.weights"
+#: where each of them starts in INPUTS_FILE is a multiple of this
+_ALIGN = 64
 #: a temporary folder older than this is a crashed writer's
 STALE_SECONDS = 3600
 #: StringStringEntryProto(key="location"), as serialized: a file without these bytes names no external data
@@ -347,19 +352,21 @@ class ModelCache:
         self.root, self.path, self.description, self.verbose = root, path, description, verbose
         self.content = remembered_content(root, path)
         self._hasher = None if self.content else ContentHasher(path)
+        self._lock = threading.Lock()  # a pending entry's thread asks for its key too
         self.used = set()  # the keys this analyzer read or wrote
 
     def key(self, shape, wait=True):
         """The entry key for an input shape; None while the content is being hashed (``wait=False``) or when
         it could not be."""
-        if self.content is None:
-            if self._hasher is None or (not wait and self._hasher._thread.is_alive()):
-                return None
-            result, self._hasher = self._hasher.get(), None
-            if result is None:
-                return None
-            self.content, files = result
-            remember_content(self.root, self.path, self.content, files)
+        with self._lock:
+            if self.content is None:
+                if self._hasher is None or (not wait and self._hasher._thread.is_alive()):
+                    return None
+                result, self._hasher = self._hasher.get(), None
+                if result is None:
+                    return None
+                self.content, files = result
+                remember_content(self.root, self.path, self.content, files)
         return entry_key(self.content, {**self.description, "shape": None if shape is None else list(shape)})
 
     def load(self, shape, device, verbose):
@@ -372,7 +379,8 @@ class ModelCache:
         checker = entry.verifier()  # on the other core, while onnxruntime maps the weights
         try:
             prepack = bool(entry.meta.get("analyzer", {}).get("prepack_weights", True))
-            session = optimized_session(entry.graph_path, device, verbose, prepack=prepack)
+            session = optimized_session(entry.graph_path, device, verbose, prepack=prepack,
+                                        weight_inputs=entry.weight_inputs())
         except Exception:
             session = None
         checker.join()
@@ -386,16 +394,17 @@ class ModelCache:
         return entry, session
 
     def start_entry(self, shape):
-        """A PendingEntry for the graph about to be built, or None (no key, or the folder is not writable)."""
-        key = self.key(shape)
-        if key is None:
-            return None
+        """A PendingEntry for the graph about to be built, or None (the folder is not writable). Its key is
+        asked for only when it is finished, on its thread: the model's hash is not waited for here."""
+        def key():
+            found = self.key(shape)
+            if found is not None:
+                self.used.add(found)
+            return found
         try:
-            pending = PendingEntry(self.root, key, self.verbose)
+            return PendingEntry(self.root, key, self.verbose)
         except OSError:
             return None
-        self.used.add(key)
-        return pending
 
     def forget(self):
         """Remove the entries this analyzer used (they disagreed with the model)."""
@@ -419,28 +428,52 @@ def _crc_file(path):
 
 def _file_records(folder):
     return {name: [os.path.getsize(os.path.join(folder, name)), _crc_file(os.path.join(folder, name))]
-            for name in (GRAPH_FILE, WEIGHTS_FILE) if os.path.exists(os.path.join(folder, name))}
+            for name in (GRAPH_FILE, WEIGHTS_FILE, INPUTS_FILE) if os.path.exists(os.path.join(folder, name))}
+
+
+def _write_arrays(path, arrays):
+    """Write the arrays one after another (each at a multiple of _ALIGN) into the new file ``path``; their
+    [name, dtype, shape, offset] records."""
+    records, offset = [], 0
+    with open(path, "xb") as f:  # in the entry's own fresh folder: nothing else is there
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            f.write(b"\0" * (-offset % _ALIGN))
+            offset += -offset % _ALIGN
+            records.append([name, array.dtype.str, list(array.shape), offset])
+            f.write(memoryview(array.reshape(-1)).cast("B"))  # numpy's buffer, not a copy of it
+            offset += array.nbytes
+    return records
 
 
 class PendingEntry:
     """A new entry being written: onnxruntime writes its optimized graph into ``folder`` (a fresh temporary
-    folder) while it makes the session; ``finish`` then checksums it and renames it into place on a thread,
-    so the first construction does not wait for the disk. Python waits for that thread at exit."""
+    folder) while it makes the session; ``finish`` then writes the weights the graph takes as inputs, asks
+    for the key (``key``: a callable; the model's hash may still be running), checksums the files and
+    renames the folder into place, all on a thread, so the first construction waits for neither the hash
+    nor the disk. Python waits for that thread at exit."""
 
     def __init__(self, root, key, verbose=True):
-        self.root, self.key, self.verbose = root, key, verbose
+        self.root, self._key, self.key, self.verbose = root, key, None, verbose
         self.folder = tempfile.mkdtemp(prefix=".tmp-", dir=root)
         self.graph_path = os.path.join(self.folder, GRAPH_FILE)
         self.thread = None
 
-    def finish(self, meta):
-        self.thread = threading.Thread(target=self._finish, args=(meta,), name="onnxlrp-cache-write")
+    def finish(self, meta, weight_inputs=None):
+        self.thread = threading.Thread(target=self._finish, args=(meta, weight_inputs or {}),
+                                       name="onnxlrp-cache-write")
         self.thread.start()
 
-    def _finish(self, meta):
+    def _finish(self, meta, weight_inputs):
         try:
             if not os.path.exists(self.graph_path):
                 raise OSError("onnxruntime wrote no optimized graph")
+            meta = {**meta, "weight_inputs": _write_arrays(os.path.join(self.folder, INPUTS_FILE), weight_inputs)
+                    if weight_inputs else []}
+            self.key = self._key()
+            if self.key is None:  # the model could not be hashed (it changed while it was read)
+                shutil.rmtree(self.folder, ignore_errors=True)
+                return
             entry = {"format": FORMAT, "key": self.key, "files": _file_records(self.folder), "meta": meta,
                      "written": time.time()}
             with open(os.path.join(self.folder, ENTRY_FILE), "w", encoding="utf-8") as f:
@@ -479,6 +512,24 @@ class Entry:
             if os.path.getsize(os.path.join(self.folder, name)) != size:
                 raise ValueError(f"{name} has another size than when it was written")
         self.graph_path = os.path.join(self.folder, GRAPH_FILE)
+        records = self.meta.get("weight_inputs", [])
+        if records and INPUTS_FILE not in self.files:
+            raise ValueError(f"the entry has no {INPUTS_FILE}")
+        size = self.files.get(INPUTS_FILE, [0])[0]
+        for record in records:
+            name, dtype, shape, offset = record
+            if dtype != "<f4" or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"{INPUTS_FILE}: {name!r} is not a float32 array")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+            if not (isinstance(name, str) and isinstance(offset, int) and 0 <= offset <= size - nbytes):
+                raise ValueError(f"{INPUTS_FILE}: {name!r} lies outside the file")
+        self._records = records
+
+    def weight_inputs(self) -> dict:
+        """{name: read-only array mapped from INPUTS_FILE} for the weights the graph takes as inputs."""
+        path = os.path.join(self.folder, INPUTS_FILE)
+        return {name: np.memmap(path, np.dtype(dtype), "r", offset, tuple(shape))
+                for name, dtype, shape, offset in self._records}
 
     def verifier(self):
         """A thread that checks every file's CRC-32 (started now; ``join`` it, then read its ``ok``)."""

@@ -85,6 +85,61 @@ def detach_weights(graph) -> dict:
     return weights
 
 
+#: a weight lift_dense_weights moves out of the graph is at least this large
+LIFT_MIN_BYTES = 1 << 20
+
+
+def lift_dense_weights(graph, weights) -> dict:
+    """Turn the large weights of the gs ``graph`` that only matrix products read as their second operand
+    (a CNN's dense layers: the forward Gemm and the transposed one of the relevance pass) into graph inputs,
+    and return {name: array} (taken out of ``weights``, detach_weights' arrays) for WeightFeedingSession.
+
+    For sessions without pre-packing only (see _session_options): a product then reads its weight as it is,
+    constant or input, and gives the same result bit for bit. As initializers, VGG16's 495 MB of dense
+    weights cost 0.6 of the session's 1.0 s and 1.2 s more where onnxruntime saves its optimized graph
+    (onnxlrp.cache), which copies and writes them; as inputs they cost neither (the cache writes them
+    itself, on a thread)."""
+    import onnx_graphsurgeon as gs
+    lifted = {}
+    tensors = graph.tensors()
+    for name in list(weights):
+        tensor, array = tensors.get(name), weights[name]
+        if not isinstance(tensor, gs.Constant) or array.nbytes < LIFT_MIN_BYTES or array.dtype != np.float32:
+            continue
+        readers = [(node, [i for i, t in enumerate(node.inputs) if t is tensor]) for node in tensor.outputs]
+        if not readers or any(node.op not in ("Gemm", "MatMul") or places != [1] for node, places in readers):
+            continue
+        del weights[name]
+        tensor.to_variable(np.float32, list(array.shape))
+        tensor.type = "tensor_type"  # what gs's exporter asks of a Variable that __init__ would have set
+        graph.inputs.append(tensor)
+        lifted[name] = array
+    return lifted
+
+
+class WeightFeedingSession:
+    """An onnxruntime session whose graph takes some weights as inputs (lift_dense_weights): every run is
+    given them, and the session looks to its callers as if they were still part of the graph."""
+
+    def __init__(self, session, weight_inputs):
+        self.session, self.weight_inputs = session, dict(weight_inputs)
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self.session.run(output_names, {**input_feed, **self.weight_inputs}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self.session.get_inputs() if i.name not in self.weight_inputs]
+
+    def io_binding(self):
+        binding = self.session.io_binding()
+        for name, array in self.weight_inputs.items():
+            binding.bind_cpu_input(name, array)
+        return binding
+
+    def __getattr__(self, name):  # get_outputs, get_providers, run_with_iobinding, end_profiling, ...
+        return getattr(self.session, name)
+
+
 def _session_options(optimized=False, prepack=True):
     options = ort.SessionOptions()
     if not prepack:
@@ -114,13 +169,14 @@ def save_optimized(options, path, weights_file):
                                      str(DETACH_MIN_BYTES))
 
 
-def optimized_session(path, device="auto", verbose=True, prepack=True):
-    """A CPU session on a graph onnxruntime optimized and saved before (``save_optimized``)."""
+def optimized_session(path, device="auto", verbose=True, prepack=True, weight_inputs=None):
+    """A CPU session on a graph onnxruntime optimized and saved before (``save_optimized``); ``weight_inputs``:
+    the arrays its lifted weights take (lift_dense_weights)."""
     session = ort.InferenceSession(path, _session_options(optimized=True, prepack=prepack),
                                    providers=["CPUExecutionProvider"])
     if device == "auto" and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
-    return session
+    return WeightFeedingSession(session, weight_inputs) if weight_inputs else session
 
 
 def check_device(device):
@@ -133,13 +189,14 @@ def will_use_cuda(device) -> bool:
 
 
 def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_options=None, profile=False,
-                 weights=None, save_to=None, threads=None, prepack=True):
+                 weights=None, save_to=None, threads=None, prepack=True, weight_inputs=None):
     """An InferenceSession on the requested device. ``device``: "auto", "cpu" or "cuda". ``weights``: the
     arrays detach_weights took out of the graph; the session keeps them (onnxruntime reads their memory).
     ``save_to``: (path, weights file name) where onnxruntime writes the graph it optimized (CPU only).
     ``threads``: onnxruntime's intra-op threads (default: one per core), for sessions that share the cores
     with other work; their idle threads then sleep instead of spinning, which would take those cores.
-    ``prepack``: onnxruntime's weight pre-packing (see _session_options)."""
+    ``prepack``: onnxruntime's weight pre-packing (see _session_options). ``weight_inputs``: the arrays of the
+    weights lift_dense_weights made inputs (CPU only); the session returned then feeds them itself."""
     check_device(device)
     options = _session_options(prepack=prepack)
     if threads is not None:
@@ -168,6 +225,10 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
                            "a working CUDA and cuDNN?")
     if device == "auto" and "CUDAExecutionProvider" not in active and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
+    if weight_inputs:
+        if "CUDAExecutionProvider" in active:
+            raise ValueError("weights fed as inputs would be copied to the GPU on every run")
+        return WeightFeedingSession(session, weight_inputs)
     return session
 
 
