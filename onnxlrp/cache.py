@@ -352,21 +352,25 @@ class ModelCache:
         self.root, self.path, self.description, self.verbose = root, path, description, verbose
         self.content = remembered_content(root, path)
         self._hasher = None if self.content else ContentHasher(path)
-        self._lock = threading.Lock()  # a pending entry's thread asks for its key too
+        self._lock = threading.Lock()  # a pending entry's thread asks for the key too
         self.used = set()  # the keys this analyzer read or wrote
 
     def key(self, shape, wait=True):
         """The entry key for an input shape; None while the content is being hashed (``wait=False``) or when
         it could not be."""
-        with self._lock:
+        if self.content is None:
+            hasher = self._hasher
+            if hasher is None or (not wait and hasher._thread.is_alive()):
+                return None
+            result = hasher.get()  # waited for without the lock: a lookup with wait=False never blocks
+            with self._lock:  # a pending entry's thread may get here too
+                if self.content is None and self._hasher is hasher:
+                    self._hasher = None
+                    if result is not None:
+                        self.content, files = result
+                        remember_content(self.root, self.path, self.content, files)
             if self.content is None:
-                if self._hasher is None or (not wait and self._hasher._thread.is_alive()):
-                    return None
-                result, self._hasher = self._hasher.get(), None
-                if result is None:
-                    return None
-                self.content, files = result
-                remember_content(self.root, self.path, self.content, files)
+                return None
         return entry_key(self.content, {**self.description, "shape": None if shape is None else list(shape)})
 
     def load(self, shape, device, verbose):
