@@ -5,9 +5,10 @@ the time onnxruntime needs to map the weights (ResNet50 in a fresh process, impo
 What is kept: onnxruntime's own optimized form of the relevance graph (``optimized_model_filepath``: the
 constant folding and the NCHWc weight layouts of ``ORT_ENABLE_ALL`` done once), its weights in one file that
 onnxruntime maps instead of reading, the large dense weights the graph takes as inputs in another
-(``inputs.weights``, written by onnxlrp on a thread and mapped by numpy: onnxruntime took 1.2 s to copy and
-write VGG16's), and what the analyzer needs to run it (input and output names and shapes). A hit builds no canonized graph: layers, rules and the canonization report are made from the model
-when something asks for them (``show_layer_indices``, another input shape, a diagnosis).
+(``inputs.weights``, written by onnxlrp on a thread and mapped by numpy: onnxruntime took 0.9 s to copy and
+write VGG16's), and what the analyzer needs to run it (input and output names and shapes). A hit builds no
+canonized graph: layers, rules and the canonization report are made from the model when something asks for
+them (``show_layer_indices``, another input shape, a diagnosis).
 
 Where: ``$ONNXLRP_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxlrp``, else ``~/.cache/onnxlrp``; ``LRP(...,
 cache=DIR)`` names another folder. Off: ``LRP(..., cache=False)``, ``$ONNXLRP_CACHE=0`` or the command line's
