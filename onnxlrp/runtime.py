@@ -208,6 +208,8 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
         options.add_external_initializers(list(weights), values)
     available = ort.get_available_providers()
     want_cuda = will_use_cuda(device)
+    if weight_inputs and want_cuda:  # before the session is made, not after
+        raise ValueError("weights fed as inputs would be copied to the GPU on every run")
     if save_to is not None and not want_cuda:
         save_optimized(options, *save_to)
     if profile:
@@ -225,11 +227,7 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
                            "a working CUDA and cuDNN?")
     if device == "auto" and "CUDAExecutionProvider" not in active and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
-    if weight_inputs:
-        if "CUDAExecutionProvider" in active:
-            raise ValueError("weights fed as inputs would be copied to the GPU on every run")
-        return WeightFeedingSession(session, weight_inputs)
-    return session
+    return WeightFeedingSession(session, weight_inputs) if weight_inputs else session
 
 
 #: dense weights (Gemm/MatMul) from which pre-packing them costs more than it brings (see prepacking_pays)
