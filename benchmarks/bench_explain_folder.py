@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import shutil
 import statistics
 import sys
@@ -96,10 +97,58 @@ def decoded_batches(paths, size, batch_size):
 
 
 def time_api(analyzer, batches):
-    start = time.perf_counter()
+    """(wall seconds, CPU seconds of the whole process) of the API's relevance runs on ``batches``."""
+    start, cpu = time.perf_counter(), time.process_time()
     for x in batches:
         analyzer.analyze(x)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
+    """CPU seconds per input of what the command does besides the relevance, each step on its own on this
+    thread (the first ``k`` images): decoding (the model input and the picture, as the CLI decodes them),
+    drawing the heatmap and the overlay (pixels, a batch at a time), encoding the two PNGs, and writing the two files into a
+    fresh folder under ``folder`` (exclusive temporary file and rename, as every output is written)."""
+    from onnxlrp.files import atomic_write
+    from onnxlrp.heatmaps import heatmaps_and_overlays, reduce_channels
+    from onnxlrp.images import MAX_PICTURE_PIXELS, load_image_and_picture
+    from onnxlrp.png import encode_png
+    paths = paths[:k]
+    costs = {}
+
+    def step(name, fn, items):  # this thread's CPU time: onnxruntime's threads, spinning after a run, are not
+        start = time.thread_time()  # counted
+        out = [fn(item) for item in items]
+        costs[name] = (time.thread_time() - start) / len(items)
+        return out
+
+    def decode(p):
+        arr, picture = load_image_and_picture(p, size=size, channels=3, max_picture_pixels=MAX_PICTURE_PIXELS)
+        return to_layout(normalize(arr, IMAGENET_MEAN, IMAGENET_STD), "NCHW").astype(np.float32), picture
+
+    decoded = step("decode", decode, paths)
+    rel = np.asarray(analyzer.analyze(np.stack([x for x, _ in decoded])).val)
+
+    def draw(i):  # a batch of inputs from i on, as the CLI draws them
+        heats, overlays = heatmaps_and_overlays(reduce_channels(rel[i:i + batch_size], "sum", axis=1),
+                                                [p for _, p in decoded[i:i + batch_size]], 0.6, size=size)
+        return list(zip(heats, overlays))
+
+    starts = range(0, len(paths), batch_size)
+    pictures = [pair for pairs in step("draw", draw, starts) for pair in pairs]
+    costs["draw"] *= len(starts) / len(paths)
+    files = step("encode", lambda pair: [encode_png(a) for a in pair], pictures)
+    out = folder / "files"
+    out.mkdir()
+    names = iter(range(2 * len(paths)))
+
+    def write(data):
+        for d in data:
+            with atomic_write(out / f"{next(names)}.png") as f:
+                f.write(d)
+
+    step("write files", write, files)
+    return costs
 
 
 class LoopTimer:
@@ -140,7 +189,9 @@ def time_cli(model, folder, out, batch_size, threaded, n):
             total = time.perf_counter() - start
     finally:
         explain_module.THREADED = saved
-        shutil.rmtree(out, ignore_errors=True)
+    # ``out`` stays until the end: on ext4 without a journal (this machine's disk) a new inode skips those
+    # deleted in the last 5-35 s, so creating files right after removing thousands costs up to 1 ms of kernel
+    # time each (``recently_deleted`` in perf), against 50-70 us on a quiet disk
     rows = table.getvalue().strip().splitlines()
     if len(rows) != n + 1:  # the header and one row per image
         raise SystemExit(f"onnxlrp explain printed {len(rows) - 1} rows for {n} images")
@@ -155,10 +206,12 @@ def main(argv=None):
     ap.add_argument("-b", "--batch-size", type=int, default=32, help="batch size, the CLI's default 32")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every phase (default 5)")
     ap.add_argument("--no-sequential", action="store_true", help="skip the CLI run without threads")
+    ap.add_argument("--dir", default=None, help="where the images and the outputs go (default: the system's "
+                    "temporary folder; /dev/shm leaves the disk out)")
     args = ap.parse_args(argv)
     n, b = args.images, args.batch_size
 
-    work = Path(tempfile.mkdtemp(prefix="onnxlrp-bench-explain-"))
+    work = Path(tempfile.mkdtemp(prefix="onnxlrp-bench-explain-", dir=args.dir))
     try:
         model = Path(args.model) if args.model else small_cnn(work / "small_cnn.onnx")
         size = image_size(model)
@@ -172,11 +225,16 @@ def main(argv=None):
         analyzer.analyze(batches[0])  # the first run plans onnxruntime's memory: not part of the throughput
         time_cli(model, folder, work / "warm", b, True, n)  # imports, caches
 
+        costs = per_input_costs(analyzer, paths, size, work, b)
+
         phases = {"api": [], "cli": [], "cli loop": []}
         if not args.no_sequential:
             phases.update({"cli-seq": [], "cli-seq loop": []})
+        api_cpu = []
         for r in range(args.repeats):
-            phases["api"].append(time_api(analyzer, batches))
+            wall, cpu = time_api(analyzer, batches)
+            phases["api"].append(wall)
+            api_cpu.append(cpu)
             total, loop = time_cli(model, folder, work / f"out{r}", b, True, n)
             phases["cli"].append(total)
             phases["cli loop"].append(loop)
@@ -195,6 +253,16 @@ def main(argv=None):
     for name, seconds in phases.items():
         best, median = n / min(seconds), n / statistics.median(seconds)
         print(f"{name:<14}{best:>12.0f}{median:>14.0f}{best / api_best:>12.2f}{median / api_median:>14.2f}")
+
+    # The bound: the cores can at best run the relevance (the CPU time the API's runs took, every onnxruntime
+    # thread counted) and the command's other work at once, with nothing idle.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    k = statistics.median(phases["api"]) / n * 1e3, statistics.median(api_cpu) / n * 1e3
+    extra = sum(costs.values()) * 1e3
+    print(f"per input, ms of CPU: relevance {k[1]:.3f} ({k[0]:.3f} of wall time on {k[1] / k[0]:.1f} cores), "
+          + ", ".join(f"{name} {sec * 1e3:.3f}" for name, sec in costs.items()) + f"; the others {extra:.3f}")
+    bound = k[0] / max(k[0], (k[1] + extra) / cores)
+    print(f"bound on {cores} cores with every core busy: cli / api <= {bound:.2f}")
 
 
 if __name__ == "__main__":

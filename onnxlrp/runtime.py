@@ -140,8 +140,13 @@ class WeightFeedingSession:
         return getattr(self.session, name)
 
 
-def _session_options(optimized=False, prepack=True):
+def _session_options(optimized=False, prepack=True, threads=None):
     options = ort.SessionOptions()
+    if threads is not None:
+        # Idle threads sleep instead of spinning: for sessions that share the cores with other work (spinning
+        # threads would take those cores from it)
+        options.intra_op_num_threads = int(threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         # onnxruntime copies every weight of a matrix product into its packed layout when the session is
         # made. For products whose rows are the batch alone (a CNN's dense layers) that bought nothing per
@@ -169,10 +174,10 @@ def save_optimized(options, path, weights_file):
                                      str(DETACH_MIN_BYTES))
 
 
-def optimized_session(path, device="auto", verbose=True, prepack=True, weight_inputs=None):
+def optimized_session(path, device="auto", verbose=True, prepack=True, weight_inputs=None, threads=None):
     """A CPU session on a graph onnxruntime optimized and saved before (``save_optimized``); ``weight_inputs``:
-    the arrays its lifted weights take (lift_dense_weights)."""
-    session = ort.InferenceSession(path, _session_options(optimized=True, prepack=prepack),
+    the arrays its lifted weights take (lift_dense_weights); ``threads`` as for make_session."""
+    session = ort.InferenceSession(path, _session_options(optimized=True, prepack=prepack, threads=threads),
                                    providers=["CPUExecutionProvider"])
     if device == "auto" and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
@@ -198,10 +203,7 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
     ``prepack``: onnxruntime's weight pre-packing (see _session_options). ``weight_inputs``: the arrays of the
     weights lift_dense_weights made inputs (CPU only); the session returned then feeds them itself."""
     check_device(device)
-    options = _session_options(prepack=prepack)
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = _session_options(prepack=prepack, threads=threads)
     values = None
     if weights:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]

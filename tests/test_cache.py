@@ -431,3 +431,20 @@ def test_a_hit_runs_without_importing_onnx(model, folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[0] == "hit []"
     np.testing.assert_array_equal(np.load(out), fresh(model).val)
+
+
+def test_threads_reach_the_session_built_and_the_one_from_the_cache(model, folder):
+    """LRP(threads=n): n onnxruntime threads that sleep when idle, on a miss and on a hit; the relevance is the
+    default session's bit for bit."""
+    reference = fresh(model)
+    for status in ("miss", "hit"):
+        analyzer = build(model, folder, threads=2)
+        assert analyzer.cache_status == status
+        session = next(iter(analyzer._built.values()))[1]
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        expl = analyzer.analyze(X)
+        np.testing.assert_array_equal(expl.val, reference.val)
+    with pytest.raises(ValueError, match="threads must be a positive number"):
+        onnxlrp.LRP(model, COMPOSITE, device="cpu", cache=False, threads=0)

@@ -329,6 +329,36 @@ def _three_images(tmp_path):
     return folder
 
 
+def test_a_batch_is_drawn_in_one_go_and_each_picture_is_its_own(tmp_path, monkeypatch):
+    """One batch of five images, four of one size and one larger: the four are drawn together (one call of
+    heatmaps_and_overlays), the other on its own (its size), and every picture is the public functions'
+    drawing of its own relevance."""
+    import onnxlrp.heatmaps as heatmaps_module
+    folder = _three_images(tmp_path)
+    base = np.asarray(Image.open(EXAMPLE).convert("RGB"))
+    Image.fromarray(base[::-1]).save(folder / "img3.png")
+    Image.open(EXAMPLE_LARGE).save(folder / "img4.png")
+    real, batches = heatmaps_module.heatmaps_and_overlays, []
+
+    def counting(maps, *args, **kwargs):
+        batches.append(len(maps))
+        return real(maps, *args, **kwargs)
+
+    monkeypatch.setattr(heatmaps_module, "heatmaps_and_overlays", counting)
+    out = tmp_path / "o"
+    r = invoke("explain", VGG, *EGB, folder, "--out", out, "--save-npy", "-b", "5")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(batches) == [1, 4]
+    for i in range(5):
+        rel = np.load(out / f"img{i}_relevance.npy")
+        picture = Image.open(folder / f"img{i}.png").convert("RGB")
+        size = (picture.height, picture.width)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"img{i}_heatmap.png")),
+                                      np.asarray(onnxlrp.heatmap(rel[None], size=size)[0]))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"img{i}_overlay.png")),
+                                      np.asarray(onnxlrp.heatmap_overlay(rel[None], picture)[0]))
+
+
 @pytest.mark.parametrize("extra", [[], ["--shared-scale"]])
 def test_ctrl_c_prints_the_finished_inputs_and_exits_130(tmp_path, monkeypatch, capsys, extra):
     folder = _three_images(tmp_path)

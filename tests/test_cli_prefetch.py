@@ -153,3 +153,24 @@ def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, ca
     assert not [t.name for t in threading.enumerate() if t.name.startswith("onnxlrp-")]
     written = sorted(p.name for p in (tmp_path / "o").iterdir()) if explained else []
     assert written == sorted(f"img{i:02d}_{k}.png" for i in range(explained) for k in ("heatmap", "overlay"))
+
+
+def test_onnxruntime_sleeps_when_idle_only_where_the_threads_run_beside_it(tmp_path, monkeypatch, capsys):
+    """More inputs than a batch, threaded: the analyzer's session takes every core with threads that sleep
+    when idle (its decoding and writing threads need them); one batch, or the sequential loop: the default."""
+    from onnxlrp.pipeline import cores
+    folder = _folder(tmp_path)
+    seen, real = [], explain_module.load_analyzer
+
+    def load_analyzer(*args, **kwargs):
+        seen.append(kwargs.get("threads"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, "load_analyzer", load_analyzer)
+    _explain(folder, tmp_path / "threaded", capsys)
+    main(["explain", VGG, *EGB, str(folder / "img00.png"), "--out", str(tmp_path / "one"), "-q"],
+         standalone_mode=False)
+    capsys.readouterr()
+    monkeypatch.setattr(explain_module, "THREADED", False)
+    _explain(folder, tmp_path / "sequential", capsys)
+    assert seen == [cores(), None, None]

@@ -262,6 +262,33 @@ def test_overlay_of_a_big_image_matches_the_pixelwise_formula():
     assert _on_colormap(Image.fromarray(np.asarray(heatmap(val, size=(1100, 1000))[0])))
 
 
+@pytest.mark.parametrize("options", [{}, {"size": (20, 12)}, {"rangescale": "extrema", "colormap": "jet"},
+                                     {"percentile": 90.0, "colorbar": True}, {"vrange": (-0.5, 2.0)}])
+@pytest.mark.parametrize("one_size", [True, False])
+def test_heatmaps_and_overlays_are_heatmap_and_heatmap_overlay_pixel_for_pixel(options, one_size):
+    """The batch drawing (one numpy pass over maps and pictures of one size; one by one otherwise) gives what
+    the public functions give, sample by sample; a NaN in one map leaves the others as they were."""
+    from onnxlrp.heatmaps import heatmaps_and_overlays
+    rng = np.random.default_rng(5)
+    maps = rng.standard_normal((4, 10, 6)) * np.array([1e-3, 1.0, 50.0, 0.0])[:, None, None]
+    maps[1, 2, 3] = np.nan
+    sizes = [(10, 6)] * 4 if one_size else [(10, 6), (13, 9), (10, 6), (4, 30)]
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    heats, overlays = heatmaps_and_overlays(maps, pictures, 0.7, **options)
+    assert len(heats) == len(overlays) == 4
+    for k in range(4):
+        one = {key: v for key, v in options.items()}
+        np.testing.assert_array_equal(heats[k], np.asarray(heatmap(maps[k][None], **one)[0]))
+        one.pop("size", None)
+        np.testing.assert_array_equal(overlays[k], np.asarray(heatmap_overlay(maps[k][None], pictures[k], 0.7, **one)[0]))
+        assert heats[k].dtype == overlays[k].dtype == np.uint8
+    only_heats = heatmaps_and_overlays(maps, None, **options)
+    assert only_heats[1] is None and all((a == b).all() for a, b in zip(only_heats[0], heats))
+    assert heatmaps_and_overlays(maps, pictures, 0.7, draw_heatmaps=False, **options)[0] is None
+    with pytest.raises(ValueError, match="alpha"):
+        heatmaps_and_overlays(maps, pictures, 1.5)
+
+
 # -- text ----------------------------------------------------------------------------------------------------
 def test_text_heatmap_ansi_and_html():
     th = text_heatmap(["The", "movie", "was", "<great>"], [0.1, -1.0, 0.0, 1.0])

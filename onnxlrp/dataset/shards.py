@@ -200,6 +200,7 @@ class ShardWriter:
 
     def _heatmaps(self, rows, relevance):
         from ..heatmaps import heatmap
+        from ..png import write_png
         folder = self.folder.heatmap_folder(self.k)
         os.makedirs(folder, exist_ok=True)
         if os.path.islink(folder):
@@ -214,9 +215,8 @@ class ShardWriter:
             if row["status"] != "ok":
                 continue
             stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(row["input"]))[0])[:80]
-            image = heatmap(rel[None], layout=layout, **opts)[0]
-            with atomic_write(os.path.join(folder, f"{self.written + j:05d}_{stem}_heatmap.png")) as f:
-                image.save(f, format="PNG", compress_level=1)
+            write_png(heatmap(rel[None], layout=layout, **opts)[0],
+                      os.path.join(folder, f"{self.written + j:05d}_{stem}_heatmap.png"), level=1)
 
     def commit(self):
         """Make the shard visible; returns its summary."""
