@@ -5,16 +5,16 @@ N random RGB PNGs (default 1000) of the model's input size are written to a temp
 under EpsilonGammaBox(-3, 3). The model is by default a small CNN built here with torch (input 3x64x64:
 conv 16-16, pool, conv 32-32, pool, conv 64, pool, dense 256-10, ReLUs; seeded random weights, exported
 with ``torch.onnx.export(dynamo=False)``); ``--model PATH`` takes any model whose input is an image
-(e.g. models_fixtures/vgg.onnx, 3x32x32, whose relevance run is so cheap that writing the two PNGs per
-image is most of the command's time). Phases:
+(e.g. models_fixtures/vgg.onnx, 3x32x32, whose relevance run is so cheap that decoding and writing the
+two PNGs per image are most of the command's time). Phases:
 
   api         ``onnxlrp.LRP(model, EpsilonGammaBox(-3, 3)).analyze(x)`` on the inputs decoded beforehand
               (as the CLI decodes them), in batches of --batch-size; the analyzer is built before timing
   cli         ``onnxlrp explain MODEL FOLDER -c EpsilonGammaBox --low -3 --high 3 -b B -q`` called in this
               process (``cli.main(..., standalone_mode=False)``), timed as a whole: model loading, reading
               every image's header, decoding, the relevance runs, writing a heatmap and an overlay PNG per
-              image and the table; the next batches decode on worker threads and the previous batch's files
-              are written on another while onnxruntime runs the current one
+              image and the table; the next batches decode on worker threads and the previous batch's
+              pictures are drawn and written on another while onnxruntime runs the current one
   cli-seq     the same with the threads off (``onnxlrp.cli.explain.THREADED = False``): every step in
               turn, as before the prefetch
 
@@ -23,9 +23,20 @@ well ("loop"); building the analyzer (load, canonize, emit, session) is timed on
 interleaved, --repeats times; the best and the median images/s are printed, and the ratio CLI / API of
 each. Other jobs on the machine slow some repeats down: the best is the least disturbed.
 
+Then the bound the cores set: the CPU time per input of each step besides the relevance (decoding,
+drawing, encoding, writing the files; each alone on one thread) and of the relevance itself (every
+onnxruntime thread, on a session whose idle threads sleep, as the CLI's), and the best ratio CLI / API that
+the cores allow if they never idle: wall time of the API / max(that, total CPU time / cores).
+
+The outputs stay until the end, and ``--dir`` says where the images and outputs go: on this machine's disk
+(ext4 without a journal) a new inode skips those deleted in the last 1-6 minutes, and after thousands of
+deletions (a test run, an earlier benchmark) creating a file costs up to 1 ms of kernel time instead of
+50-70 us; /dev/shm leaves the disk out.
+
 Usage:
   python benchmarks/bench_explain_folder.py                  # small CNN, 1000 images, batch 32, 5 repeats
   python benchmarks/bench_explain_folder.py --model models_fixtures/vgg.onnx -n 200 --repeats 3
+  python benchmarks/bench_explain_folder.py --dir /dev/shm
 """
 from __future__ import annotations
 
@@ -210,6 +221,7 @@ def main(argv=None):
                     "temporary folder; /dev/shm leaves the disk out)")
     args = ap.parse_args(argv)
     n, b = args.images, args.batch_size
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     work = Path(tempfile.mkdtemp(prefix="onnxlrp-bench-explain-", dir=args.dir))
     try:
@@ -226,6 +238,13 @@ def main(argv=None):
         time_cli(model, folder, work / "warm", b, True, n)  # imports, caches
 
         costs = per_input_costs(analyzer, paths, size, work, b)
+        # the CPU time the relevance needs: a session whose idle threads sleep (the CLI's) spends less of it
+        # than the spinning one the API's throughput is timed with
+        sleeping = onnxlrp.LRP(str(model), onnxlrp.EpsilonGammaBox(-3, 3), verbose=False, device="cpu",
+                               spinning=False)
+        sleeping.analyze(batches[0])
+        needed_cpu = time_api(sleeping, batches)[1]
+        del sleeping
 
         phases = {"api": [], "cli": [], "cli loop": []}
         if not args.no_sequential:
@@ -254,14 +273,14 @@ def main(argv=None):
         best, median = n / min(seconds), n / statistics.median(seconds)
         print(f"{name:<14}{best:>12.0f}{median:>14.0f}{best / api_best:>12.2f}{median / api_median:>14.2f}")
 
-    # The bound: the cores can at best run the relevance (the CPU time the API's runs took, every onnxruntime
-    # thread counted) and the command's other work at once, with nothing idle.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    k = statistics.median(phases["api"]) / n * 1e3, statistics.median(api_cpu) / n * 1e3
-    extra = sum(costs.values()) * 1e3
-    print(f"per input, ms of CPU: relevance {k[1]:.3f} ({k[0]:.3f} of wall time on {k[1] / k[0]:.1f} cores), "
-          + ", ".join(f"{name} {sec * 1e3:.3f}" for name, sec in costs.items()) + f"; the others {extra:.3f}")
-    bound = k[0] / max(k[0], (k[1] + extra) / cores)
+    # The bound: the cores can at best run the relevance (the CPU time it takes with idle threads asleep,
+    # every onnxruntime thread counted) and the command's other work at once, with nothing idle.
+    wall, spinning = statistics.median(phases["api"]) / n * 1e3, statistics.median(api_cpu) / n * 1e3
+    needed, extra = needed_cpu / n * 1e3, sum(costs.values()) * 1e3
+    print(f"per input, ms of CPU: relevance {needed:.3f} with idle threads asleep ({spinning:.3f} spinning, "
+          f"{wall:.3f} of wall time), " + ", ".join(f"{name} {sec * 1e3:.3f}" for name, sec in costs.items())
+          + f"; the others {extra:.3f}")
+    bound = wall / max(wall, (needed + extra) / cores)
     print(f"bound on {cores} cores with every core busy: cli / api <= {bound:.2f}")
 
 

@@ -374,8 +374,8 @@ class ModelCache:
                 return None
         return entry_key(self.content, {**self.description, "shape": None if shape is None else list(shape)})
 
-    def load(self, shape, device, verbose, threads=None):
-        """(entry, session) on a hit, else None; a damaged entry is removed, and said so. ``threads``: the
+    def load(self, shape, device, verbose, spinning=True):
+        """(entry, session) on a hit, else None; a damaged entry is removed, and said so. ``spinning``: the
         session's (runtime.make_session)."""
         from .runtime import optimized_session
         key = self.key(shape, wait=False)
@@ -386,7 +386,7 @@ class ModelCache:
         try:
             prepack = bool(entry.meta.get("analyzer", {}).get("prepack_weights", True))
             session = optimized_session(entry.graph_path, device, verbose, prepack=prepack,
-                                        weight_inputs=entry.weight_inputs(), threads=threads)
+                                        weight_inputs=entry.weight_inputs(), spinning=spinning)
         except Exception:
             session = None
         checker.join()

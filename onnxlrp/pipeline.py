@@ -2,16 +2,7 @@
 (``onnxlrp explain`` on a folder, ``onnxlrp.dataset``), with bounded memory and a clean stop."""
 from __future__ import annotations
 
-import os
 from collections import deque
-
-
-def cores():
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def loaded_ahead(batches, load, ahead, stop):

@@ -140,12 +140,13 @@ class WeightFeedingSession:
         return getattr(self.session, name)
 
 
-def _session_options(optimized=False, prepack=True, threads=None):
+def _session_options(optimized=False, prepack=True, threads=None, spinning=None):
     options = ort.SessionOptions()
     if threads is not None:
-        # Idle threads sleep instead of spinning: for sessions that share the cores with other work (spinning
-        # threads would take those cores from it)
         options.intra_op_num_threads = int(threads)
+    if not (threads is None if spinning is None else spinning):
+        # idle threads sleep instead of spinning: for sessions that share the cores with other work (spinning
+        # threads would take those cores from it)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         # onnxruntime copies every weight of a matrix product into its packed layout when the session is
@@ -174,10 +175,10 @@ def save_optimized(options, path, weights_file):
                                      str(DETACH_MIN_BYTES))
 
 
-def optimized_session(path, device="auto", verbose=True, prepack=True, weight_inputs=None, threads=None):
+def optimized_session(path, device="auto", verbose=True, prepack=True, weight_inputs=None, spinning=True):
     """A CPU session on a graph onnxruntime optimized and saved before (``save_optimized``); ``weight_inputs``:
-    the arrays its lifted weights take (lift_dense_weights); ``threads`` as for make_session."""
-    session = ort.InferenceSession(path, _session_options(optimized=True, prepack=prepack, threads=threads),
+    the arrays its lifted weights take (lift_dense_weights); ``spinning`` as for make_session."""
+    session = ort.InferenceSession(path, _session_options(optimized=True, prepack=prepack, spinning=spinning),
                                    providers=["CPUExecutionProvider"])
     if device == "auto" and verbose:
         _notice("running on CPU (onnxruntime's CUDA provider is not available on this machine)")
@@ -194,16 +195,18 @@ def will_use_cuda(device) -> bool:
 
 
 def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_options=None, profile=False,
-                 weights=None, save_to=None, threads=None, prepack=True, weight_inputs=None):
+                 weights=None, save_to=None, threads=None, prepack=True, weight_inputs=None, spinning=None):
     """An InferenceSession on the requested device. ``device``: "auto", "cpu" or "cuda". ``weights``: the
     arrays detach_weights took out of the graph; the session keeps them (onnxruntime reads their memory).
     ``save_to``: (path, weights file name) where onnxruntime writes the graph it optimized (CPU only).
     ``threads``: onnxruntime's intra-op threads (default: one per core), for sessions that share the cores
     with other work; their idle threads then sleep instead of spinning, which would take those cores.
+    ``spinning=False`` makes idle threads sleep with the default thread count (None: spinning unless
+    ``threads`` is given).
     ``prepack``: onnxruntime's weight pre-packing (see _session_options). ``weight_inputs``: the arrays of the
     weights lift_dense_weights made inputs (CPU only); the session returned then feeds them itself."""
     check_device(device)
-    options = _session_options(prepack=prepack, threads=threads)
+    options = _session_options(prepack=prepack, threads=threads, spinning=spinning)
     values = None
     if weights:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]

@@ -433,18 +433,19 @@ def test_a_hit_runs_without_importing_onnx(model, folder, tmp_path):
     np.testing.assert_array_equal(np.load(out), fresh(model).val)
 
 
-def test_threads_reach_the_session_built_and_the_one_from_the_cache(model, folder):
-    """LRP(threads=n): n onnxruntime threads that sleep when idle, on a miss and on a hit; the relevance is the
-    default session's bit for bit."""
+def test_sleeping_threads_on_the_session_built_and_the_one_from_the_cache(model, folder):
+    """LRP(spinning=False): onnxruntime's idle threads sleep, on a miss and on a hit, with onnxruntime's own
+    thread count; the relevance is the default session's bit for bit."""
     reference = fresh(model)
     for status in ("miss", "hit"):
-        analyzer = build(model, folder, threads=2)
+        analyzer = build(model, folder, spinning=False)
         assert analyzer.cache_status == status
-        session = next(iter(analyzer._built.values()))[1]
-        options = session.get_session_options()
-        assert options.intra_op_num_threads == 2
+        options = next(iter(analyzer._built.values()))[1].get_session_options()
+        assert options.intra_op_num_threads == 0  # onnxruntime's default
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        expl = analyzer.analyze(X)
-        np.testing.assert_array_equal(expl.val, reference.val)
-    with pytest.raises(ValueError, match="threads must be a positive number"):
-        onnxlrp.LRP(model, COMPOSITE, device="cpu", cache=False, threads=0)
+        np.testing.assert_array_equal(analyzer.analyze(X).val, reference.val)
+    spinning = build(model, folder)
+    assert spinning.cache_status == "hit"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default: spinning
+        next(iter(spinning._built.values()))[1].get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")

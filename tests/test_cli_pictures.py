@@ -329,11 +329,15 @@ def _three_images(tmp_path):
     return folder
 
 
-def test_a_batch_is_drawn_in_one_go_and_each_picture_is_its_own(tmp_path, monkeypatch):
+@pytest.mark.parametrize("limit, calls", [(None, [1, 4]), (0, [1, 1, 1, 1, 1])])
+def test_a_batch_is_drawn_in_one_go_and_each_picture_is_its_own(tmp_path, monkeypatch, limit, calls):
     """One batch of five images, four of one size and one larger: the four are drawn together (one call of
-    heatmaps_and_overlays), the other on its own (its size), and every picture is the public functions'
-    drawing of its own relevance."""
+    heatmaps_and_overlays), the other on its own (its size); pictures over BATCH_DRAW_PIXELS (here: all) one
+    by one. Every picture is the public functions' drawing of its own relevance."""
+    import onnxlrp.cli.explain as explain_module
     import onnxlrp.heatmaps as heatmaps_module
+    if limit is not None:
+        monkeypatch.setattr(explain_module, "BATCH_DRAW_PIXELS", limit)
     folder = _three_images(tmp_path)
     base = np.asarray(Image.open(EXAMPLE).convert("RGB"))
     Image.fromarray(base[::-1]).save(folder / "img3.png")
@@ -348,7 +352,7 @@ def test_a_batch_is_drawn_in_one_go_and_each_picture_is_its_own(tmp_path, monkey
     out = tmp_path / "o"
     r = invoke("explain", VGG, *EGB, folder, "--out", out, "--save-npy", "-b", "5")
     assert r.exit_code == 0, r.stderr
-    assert sorted(batches) == [1, 4]
+    assert sorted(batches) == calls
     for i in range(5):
         rel = np.load(out / f"img{i}_relevance.npy")
         picture = Image.open(folder / f"img{i}.png").convert("RGB")

@@ -156,14 +156,13 @@ def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, ca
 
 
 def test_onnxruntime_sleeps_when_idle_only_where_the_threads_run_beside_it(tmp_path, monkeypatch, capsys):
-    """More inputs than a batch, threaded: the analyzer's session takes every core with threads that sleep
-    when idle (its decoding and writing threads need them); one batch, or the sequential loop: the default."""
-    from onnxlrp.pipeline import cores
+    """More inputs than a batch, threaded: the analyzer's onnxruntime threads sleep when idle (its decoding
+    and writing threads need the cores); one batch, or the sequential loop: they spin, as by default."""
     folder = _folder(tmp_path)
     seen, real = [], explain_module.load_analyzer
 
     def load_analyzer(*args, **kwargs):
-        seen.append(kwargs.get("threads"))
+        seen.append(kwargs.get("spinning"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(explain_module, "load_analyzer", load_analyzer)
@@ -173,4 +172,4 @@ def test_onnxruntime_sleeps_when_idle_only_where_the_threads_run_beside_it(tmp_p
     capsys.readouterr()
     monkeypatch.setattr(explain_module, "THREADED", False)
     _explain(folder, tmp_path / "sequential", capsys)
-    assert seen == [cores(), None, None]
+    assert seen == [False, True, True]

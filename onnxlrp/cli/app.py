@@ -305,10 +305,10 @@ def model_argument(f):
 
 
 def load_analyzer(model, spec, *, device="cpu", verbose=False, skip_checks=False, precision="float32",
-                  output_name=None, quiet=False, threads=None):
+                  output_name=None, quiet=False, spinning=True):
     from ..analyzer import LRP
     analyzer = LRP(model, spec, device=device.lower(), verbose=verbose, skip_checks=skip_checks, precision=precision,
-                   output_name=output_name, cache=cache_setting(), threads=threads)
+                   output_name=output_name, cache=cache_setting(), spinning=spinning)
     if len(analyzer.model_outputs) > 1 and not quiet:
         # never explain one of several outputs without saying which
         click.echo(f"{model}: explaining output '{analyzer.output_name}' of {len(analyzer.model_outputs)} "

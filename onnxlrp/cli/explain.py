@@ -440,6 +440,11 @@ def _run_now(fn, *args):
     return task
 
 
+#: pictures (heatmap and overlay) up to this size are drawn a batch at a time (_Run._draw_batch); larger ones
+#: one by one
+BATCH_DRAW_PIXELS = 1 << 16
+
+
 #: pictures up to this size are kept from the decode that makes the model input; larger ones are read
 #: again when their overlay is drawn, so that a batch of big photos does not sit in memory
 KEEP_PICTURE_PIXELS = 1 << 20
@@ -666,12 +671,11 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     found = collect_inputs(inputs)
     label_names = load_labels(labels) if labels else None
     # Several batches: onnxruntime shares the cores with the threads that decode and write, so its idle
-    # threads sleep instead of spinning (a folder of 32x32 or 64x64 images ran 10-15 % faster)
-    from ..pipeline import cores
-    threads = cores() if THREADED and len(found) > batch_size else None
+    # threads sleep instead of spinning (a folder of 32x32 or 64x64 images ran 11-15 % faster)
+    spinning = not (THREADED and len(found) > batch_size)
     # verbose=False: the device is named in the closing line instead of a notice before any error
     analyzer = load_analyzer(model, spec_rules, device=device, verbose=False, skip_checks=skip_checks,
-                             precision=precision, output_name=output_name, quiet=quiet, threads=threads)
+                             precision=precision, output_name=output_name, quiet=quiet, spinning=spinning)
     if analyzer.token_input:
         raise CLIError(f"{model}: the model's input '{analyzer.data_input}' is token ids: explain text with "
                        "--text or --text-file and --tokenizer tokenizer.json")
@@ -930,26 +934,26 @@ class _Run:
                 expl.extras.get("nonfinite", {}))
 
     def _draw_batch(self, batch, items, explained):
-        """The pictures of a batch's explained inputs drawn together (heatmaps_and_overlays: per pixel, one
-        numpy pass over all of them instead of one per input; for 32x32 inputs the drawing went from 330 to
-        under 40 us an input): {index among the explained: (heatmap, overlay)}. A task on the writer thread
-        before the batch's inputs' own (each input's ``_finish`` takes its pair from it); inputs whose picture
-        was not kept (large images), and --shared-scale, are drawn by ``_draw`` alone."""
+        """The pictures of a batch's small explained inputs drawn together (heatmaps_and_overlays: one numpy
+        pass over all of them instead of about 20 calls per picture; for 32x32 inputs 330 -> 110 us an
+        input): {index among the explained: (heatmap, overlay)}. A task on the writer thread before the
+        batch's inputs' own (each input's ``_finish`` takes its pair from it). Pictures over
+        BATCH_DRAW_PIXELS, whose drawing is mostly arithmetic, and --shared-scale are drawn by ``_draw``, one
+        at a time, so that a batch of photos never holds all its pictures at once."""
         from ..heatmaps import heatmaps_and_overlays, reduce_channels
         from ..images import MAX_PICTURE_PIXELS, picture_size
         if explained is None or self.shared:
             return {}
-        groups = {}  # (heatmap size, heatmaps?, overlays?) -> [(index, picture)]
-        j = 0
-        for s, item in zip(batch, items):
-            if isinstance(item, str):
-                continue
-            kinds = ("heatmap" in s.outputs, "overlay" in s.outputs)
-            if any(kinds) and (item[1] is not None or not kinds[1]):
-                size = picture_size(s.image_size, MAX_PICTURE_PIXELS)[::-1] if s.kind == "image" else None
-                groups.setdefault((size, *kinds), []).append((j, item[1]))
-            j += 1
         rel, axis = explained[1], 1 if self.spec.layout == "NCHW" else 3
+        groups = {}  # (heatmap size, heatmaps?, overlays?) -> [(index, picture)]
+        for j, (s, item) in enumerate((s, item) for s, item in zip(batch, items) if not isinstance(item, str)):
+            kinds = ("heatmap" in s.outputs, "overlay" in s.outputs)
+            if not any(kinds) or (kinds[1] and item[1] is None):
+                continue
+            size = picture_size(s.image_size, MAX_PICTURE_PIXELS)[::-1] if s.kind == "image" else None
+            if int(np.prod(size if size is not None else rel.shape[2:] if axis == 1 else rel.shape[1:3])) \
+                    <= BATCH_DRAW_PIXELS:
+                groups.setdefault((size, *kinds), []).append((j, item[1]))
         opts = {k: v for k, v in self.picture_opts.items() if k != "reduce"}
         drawn = {}
         for (size, heatmaps, overlays), members in groups.items():

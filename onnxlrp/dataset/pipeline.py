@@ -8,6 +8,7 @@ being explained and the one being written are in memory at once, whatever the da
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -15,13 +16,20 @@ import time
 import numpy as np
 
 from ..errors import InputError
-from ..pipeline import cores, loaded_ahead, shut_down
+from ..pipeline import loaded_ahead, shut_down
 from .shards import ShardWriter, result_rows
 from .sources import Decoder
 
 #: decoded batches waiting ahead of the one onnxruntime runs (each on its own worker thread), where the
 #: cores are not split (a GPU session, one core)
 PREFETCH_BATCHES = 2
+
+
+def cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class GraphRelevance:
