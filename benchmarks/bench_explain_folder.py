@@ -120,7 +120,7 @@ def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
     thread (the first ``k`` images): decoding (the model input and the picture, as the CLI decodes them),
     drawing the heatmap and the overlay (pixels, a batch at a time), encoding the two PNGs, and writing the two files into a
     fresh folder under ``folder`` (exclusive temporary file and rename, as every output is written)."""
-    from onnxlrp.files import atomic_write
+    from onnxlrp.files import write_bytes
     from onnxlrp.heatmaps import heatmaps_and_overlays, reduce_channels
     from onnxlrp.images import MAX_PICTURE_PIXELS, load_image_and_picture
     from onnxlrp.png import encode_png
@@ -155,8 +155,7 @@ def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
 
     def write(data):
         for d in data:
-            with atomic_write(out / f"{next(names)}.png") as f:
-                f.write(d)
+            write_bytes(out / f"{next(names)}.png", d)
 
     step("write files", write, files)
     return costs

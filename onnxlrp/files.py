@@ -4,41 +4,52 @@ planted, never half a file.
 ``read_npy`` loads an array without ever unpickling (an object array or an ``.npz`` renamed ``.npy`` is
 refused by name); ``natural_key`` orders file names as people count (img2 before img10).
 
-Each output goes to a fresh temporary file in the target's own folder, created exclusively
-(``tempfile.mkstemp``: O_CREAT | O_EXCL with a random name, so a symlink planted at a predictable name
-is never followed), written through that descriptor (not reopened by name), and renamed over the target
-with ``os.replace``, which replaces a link at the target itself rather than writing where it points.
+Each output goes to a fresh temporary file in the target's own folder, created exclusively (O_CREAT |
+O_EXCL | O_NOFOLLOW with a random name, so a symlink planted at any name is never followed; mode 0o666 less
+the umask, as any new file), written through that descriptor (not reopened by name), and renamed over the
+target with ``os.replace``, which replaces a link at the target itself rather than writing where it points.
+``write_bytes`` writes a bytes object that way with one system call and no file object: 45 instead of 100 us a
+file on this machine's tmpfs (``onnxlrp explain`` writes two per input).
 """
 from __future__ import annotations
 
 import os
 import re
-import tempfile
-import threading
 from contextlib import contextmanager
 
 from .errors import InputError
 
-_UMASK_LOCK = threading.Lock()
+#: the temporary file's flags: a new file only (no name someone planted is opened, a link included)
+_CREATE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+           | getattr(os, "O_BINARY", 0))
 
 
-def _umask():
-    # reading the umask means setting it: two threads at once would each see the other's 0 (`onnxlrp
-    # explain` writes on several)
-    with _UMASK_LOCK:
-        mask = os.umask(0)
-        os.umask(mask)
-    return mask
+def _temporary(target):
+    """(descriptor, path) of a new exclusive file next to ``target``."""
+    folder = os.path.dirname(os.path.abspath(target))
+    base = os.path.basename(target)
+    for _ in range(100):
+        path = os.path.join(folder, f".{base}.{os.urandom(6).hex()}.partial")
+        try:
+            return os.open(path, _CREATE, 0o666), path
+        except FileExistsError:  # a name taken (48 random bits: someone planted it)
+            continue
+    raise FileExistsError(f"{folder}: no free temporary name for {base} in 100 tries")
+
+
+def _discard(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 @contextmanager
 def atomic_write(target, mode="wb", encoding=None):
     """A file object on a new exclusive temporary file next to ``target``; on success it replaces
     ``target`` (with the permissions a new file would get), on failure it is removed."""
-    folder = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".partial")
+    fd, tmp = _temporary(target)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, mode, encoding=encoding) as f:
             fd = None
             yield f
@@ -46,12 +57,24 @@ def atomic_write(target, mode="wb", encoding=None):
     except BaseException:
         if fd is not None:
             os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         raise
 
+
+def write_bytes(target, data) -> None:
+    """``data`` (bytes) as the whole of ``target``, written as atomic_write writes it."""
+    fd, tmp = _temporary(target)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        _discard(tmp)
+        raise
 
 
 def natural_key(name):

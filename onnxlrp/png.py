@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from .files import atomic_write
+from .files import write_bytes
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> gray, gray + alpha, RGB, RGBA
@@ -48,7 +48,5 @@ def encode_png(pixels, level: int = 1) -> bytes:
 
 def write_png(pixels, target, level: int = 1) -> None:
     """``encode_png(pixels, level)`` written to ``target`` whole, never through a planted link
-    (onnxlrp.files.atomic_write)."""
-    data = encode_png(pixels, level)
-    with atomic_write(target) as f:
-        f.write(data)
+    (onnxlrp.files.write_bytes)."""
+    write_bytes(target, encode_png(pixels, level))

@@ -5,7 +5,7 @@ import stat
 import numpy as np
 import pytest
 
-from onnxlrp.files import atomic_write
+from onnxlrp.files import atomic_write, write_bytes
 from tests.helpers_fixtures import fixture_path
 from tests.test_cli import EXAMPLE, invoke
 
@@ -101,6 +101,35 @@ def test_atomic_write_leaves_nothing_on_failure_and_keeps_the_usual_permissions(
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     np.testing.assert_array_equal(np.load(target), np.arange(3))
+
+
+def test_write_bytes_is_whole_or_nothing_with_the_usual_permissions_and_no_link_followed(tmp_path, monkeypatch):
+    """write_bytes (the pictures' writer): a planted link at the target is replaced, not written through; a
+    temporary name that is taken (planted) is skipped; a failed write leaves nothing; the umask applies."""
+    victim = _victim(tmp_path)
+    target = tmp_path / "a.png"
+    os.symlink(victim, target)
+    names = iter(["planted", "planted", "fresh"])
+    monkeypatch.setattr(os, "urandom", lambda n: next(names).encode())
+    os.symlink(victim, tmp_path / f".a.png.{b'planted'.hex()}.partial")
+    old = os.umask(0o027)
+    try:
+        write_bytes(target, b"picture")
+    finally:
+        os.umask(old)
+    monkeypatch.undo()
+    assert victim.read_bytes() == VICTIM_TEXT and not target.is_symlink() and target.read_bytes() == b"picture"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    os.unlink(tmp_path / f".a.png.{b'planted'.hex()}.partial")
+
+    def failing_write(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        write_bytes(tmp_path / "b.png", b"x" * 10)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "elsewhere"]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
