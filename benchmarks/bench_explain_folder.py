@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import shutil
 import statistics
 import sys
@@ -60,7 +59,9 @@ if str(REPO) not in sys.path:
 import onnxlrp  # noqa: E402
 from onnxlrp.cli.app import cli  # noqa: E402  (first: it registers the commands)
 import onnxlrp.cli.explain as explain_module  # noqa: E402
-from onnxlrp.images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize, to_layout  # noqa: E402
+from onnxlrp.dataset.pipeline import cores  # noqa: E402
+from onnxlrp.images import (IMAGENET_MEAN, IMAGENET_STD, MAX_PICTURE_PIXELS, load_image_and_picture,  # noqa: E402
+                            normalize, to_layout)
 
 def small_cnn(path, size=64, seed=0):
     """Write the default model: a small VGG-like CNN for (N, 3, size, size) inputs, 10 classes."""
@@ -100,10 +101,16 @@ def write_images(folder, n, size, seed=0):
     return paths
 
 
+def decode(path, size):
+    """(model input, picture) of one image as the CLI decodes it: one decode for both, resize, ImageNet
+    normalization, NCHW."""
+    arr, picture = load_image_and_picture(path, size=size, channels=3, max_picture_pixels=MAX_PICTURE_PIXELS)
+    return to_layout(normalize(arr, IMAGENET_MEAN, IMAGENET_STD), "NCHW").astype(np.float32), picture
+
+
 def decoded_batches(paths, size, batch_size):
-    """The model inputs the CLI makes of the images (resize, ImageNet normalization, NCHW), batched."""
-    xs = np.stack([to_layout(normalize(load_image(p, size=size), IMAGENET_MEAN, IMAGENET_STD), "NCHW")
-                   for p in paths])
+    """The model inputs the CLI makes of the images, batched."""
+    xs = np.stack([decode(p, size)[0] for p in paths])
     return [xs[i:i + batch_size] for i in range(0, len(xs), batch_size)]
 
 
@@ -122,7 +129,6 @@ def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
     fresh folder under ``folder`` (exclusive temporary file and rename, as every output is written)."""
     from onnxlrp.files import write_bytes
     from onnxlrp.heatmaps import heatmaps_and_overlays, reduce_channels
-    from onnxlrp.images import MAX_PICTURE_PIXELS, load_image_and_picture
     from onnxlrp.png import encode_png
     paths = paths[:k]
     costs = {}
@@ -133,11 +139,7 @@ def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
         costs[name] = (time.thread_time() - start) / len(items)
         return out
 
-    def decode(p):
-        arr, picture = load_image_and_picture(p, size=size, channels=3, max_picture_pixels=MAX_PICTURE_PIXELS)
-        return to_layout(normalize(arr, IMAGENET_MEAN, IMAGENET_STD), "NCHW").astype(np.float32), picture
-
-    decoded = step("decode", decode, paths)
+    decoded = step("decode", lambda p: decode(p, size), paths)
     rel = np.asarray(analyzer.analyze(np.stack([x for x, _ in decoded])).val)
 
     def draw(i):  # a batch of inputs from i on, as the CLI draws them
@@ -199,9 +201,8 @@ def time_cli(model, folder, out, batch_size, threaded, n):
             total = time.perf_counter() - start
     finally:
         explain_module.THREADED = saved
-    # ``out`` stays until the end: on ext4 without a journal (this machine's disk) a new inode skips those
-    # deleted in the last 5-35 s, so creating files right after removing thousands costs up to 1 ms of kernel
-    # time each (``recently_deleted`` in perf), against 50-70 us on a quiet disk
+    # ``out`` stays until the end (see the module docstring: creating files right after thousands were
+    # removed measures the disk, not onnxlrp)
     rows = table.getvalue().strip().splitlines()
     if len(rows) != n + 1:  # the header and one row per image
         raise SystemExit(f"onnxlrp explain printed {len(rows) - 1} rows for {n} images")
@@ -220,7 +221,6 @@ def main(argv=None):
                     "temporary folder; /dev/shm leaves the disk out)")
     args = ap.parse_args(argv)
     n, b = args.images, args.batch_size
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     work = Path(tempfile.mkdtemp(prefix="onnxlrp-bench-explain-", dir=args.dir))
     try:
@@ -279,8 +279,9 @@ def main(argv=None):
     print(f"per input, ms of CPU: relevance {needed:.3f} with idle threads asleep ({spinning:.3f} spinning, "
           f"{wall:.3f} of wall time), " + ", ".join(f"{name} {sec * 1e3:.3f}" for name, sec in costs.items())
           + f"; the others {extra:.3f}")
-    bound = wall / max(wall, (needed + extra) / cores)
-    print(f"bound on {cores} cores with every core busy: cli / api <= {bound:.2f}")
+    n_cores = cores()
+    bound = wall / max(wall, (needed + extra) / n_cores)
+    print(f"bound on {n_cores} cores with every core busy: cli / api <= {bound:.2f}")
 
 
 if __name__ == "__main__":

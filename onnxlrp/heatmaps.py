@@ -167,9 +167,12 @@ def value_range(maps, rangescale: str = "centered", percentile=None) -> tuple:
 
 def colormap_lut(colormap) -> np.ndarray:
     """A (257, 3) uint8 lookup table of a matplotlib colormap (name or Colormap)."""
-    if isinstance(colormap, str):
-        return _named_lut(colormap).copy()
-    return _lut(colormap)
+    return _table(colormap).copy()
+
+
+def _table(colormap):
+    """colormap_lut's table, the cached one itself for a name (not to be written to)."""
+    return _named_lut(colormap) if isinstance(colormap, str) else _lut(colormap)
 
 
 @functools.lru_cache(maxsize=32)
@@ -194,7 +197,7 @@ def _lut(colormap):
 
 def colorize(scaled: np.ndarray, colormap="seismic") -> np.ndarray:
     """Values in [0, 1] -> uint8 RGB (..., 3) through the colormap (0.5 lands exactly on its middle)."""
-    return _colorize(scaled, _named_lut(colormap) if isinstance(colormap, str) else _lut(colormap))
+    return _colorize(scaled, _table(colormap))
 
 
 def _colorize(scaled, lut):
@@ -232,7 +235,7 @@ def _render(x, reduce, rangescale, colormap, percentile, process_batch, layout, 
     maps = _image_maps(val, reduce, layout)
     scaled, lo, hi = _scale(maps, rangescale, percentile, process_batch, vrange)
     n = len(scaled)
-    lut = _named_lut(colormap) if isinstance(colormap, str) else _lut(colormap)
+    lut = _table(colormap)
     return _Rendered(scaled, np.broadcast_to(lo, (n, 1, 1)).reshape(n), np.broadcast_to(hi, (n, 1, 1)).reshape(n),
                      rangescale, colormap, lut)
 

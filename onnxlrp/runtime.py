@@ -140,11 +140,11 @@ class WeightFeedingSession:
         return getattr(self.session, name)
 
 
-def _session_options(optimized=False, prepack=True, threads=None, spinning=None):
+def _session_options(optimized=False, prepack=True, threads=None, spinning=True):
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)
-    if not (threads is None if spinning is None else spinning):
+    if not spinning:
         # idle threads sleep instead of spinning: for sessions that share the cores with other work (spinning
         # threads would take those cores from it)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -206,6 +206,8 @@ def make_session(model_bytes: bytes, device: str = "auto", verbose=True, cuda_op
     ``prepack``: onnxruntime's weight pre-packing (see _session_options). ``weight_inputs``: the arrays of the
     weights lift_dense_weights made inputs (CPU only); the session returned then feeds them itself."""
     check_device(device)
+    if spinning is None:  # a session given its threads shares the cores
+        spinning = threads is None
     options = _session_options(prepack=prepack, threads=threads, spinning=spinning)
     values = None
     if weights:

@@ -941,20 +941,19 @@ class _Run:
         BATCH_DRAW_PIXELS, whose drawing is mostly arithmetic, and --shared-scale are drawn by ``_draw``, one
         at a time, so that a batch of photos never holds all its pictures at once."""
         from ..heatmaps import heatmaps_and_overlays, reduce_channels
-        from ..images import MAX_PICTURE_PIXELS, picture_size
         if explained is None or self.shared:
             return {}
         rel, axis = explained[1], 1 if self.spec.layout == "NCHW" else 3
+        map_size = rel.shape[2:4] if axis == 1 else rel.shape[1:3]  # an .npy input's heatmap
         groups = {}  # (heatmap size, heatmaps?, overlays?) -> [(index, picture)]
         for j, (s, item) in enumerate((s, item) for s, item in zip(batch, items) if not isinstance(item, str)):
             kinds = ("heatmap" in s.outputs, "overlay" in s.outputs)
             if not any(kinds) or (kinds[1] and item[1] is None):
                 continue
-            size = picture_size(s.image_size, MAX_PICTURE_PIXELS)[::-1] if s.kind == "image" else None
-            if int(np.prod(size if size is not None else rel.shape[2:] if axis == 1 else rel.shape[1:3])) \
-                    <= BATCH_DRAW_PIXELS:
+            size = self._heatmap_size(s)
+            if int(np.prod(map_size if size is None else size)) <= BATCH_DRAW_PIXELS:
                 groups.setdefault((size, *kinds), []).append((j, item[1]))
-        opts = {k: v for k, v in self.picture_opts.items() if k != "reduce"}
+        opts = self._drawing_options()
         drawn = {}
         for (size, heatmaps, overlays), members in groups.items():
             index = [j for j, _ in members]
@@ -1025,18 +1024,28 @@ class _Run:
         already (by _draw_batch)."""
         if pair is None:
             from ..heatmaps import heatmaps_and_overlays
-            from ..images import MAX_PICTURE_PIXELS, load_picture, picture_size
-            opts = {k: v for k, v in self.picture_opts.items() if k != "reduce"}  # heat_map is reduced already
+            from ..images import MAX_PICTURE_PIXELS, load_picture
             if "overlay" in s.outputs and picture is None:
                 picture = load_picture(s.path, self.spec.channels, MAX_PICTURE_PIXELS)
-            size = picture_size(s.image_size, MAX_PICTURE_PIXELS)[::-1] if s.kind == "image" else None
             heats, overlays = heatmaps_and_overlays(heat_map[None], [picture] if "overlay" in s.outputs else None,
-                                                    self.alpha, size=size, draw_heatmaps="heatmap" in s.outputs,
-                                                    vrange=vrange, **opts)
+                                                    self.alpha, size=self._heatmap_size(s),
+                                                    draw_heatmaps="heatmap" in s.outputs, vrange=vrange,
+                                                    **self._drawing_options())
             pair = (heats[0] if heats else None, overlays[0] if overlays else None)
         for kind, pixels in zip(("heatmap", "overlay"), pair):
             if pixels is not None:
                 save_png(pixels, s.outputs[kind])
+
+    @staticmethod
+    def _heatmap_size(s):
+        """(H, W) of s's heatmap: its image's own size (scaled down to MAX_PICTURE_PIXELS); None for .npy
+        inputs (the model's size)."""
+        from ..images import MAX_PICTURE_PIXELS, picture_size
+        return picture_size(s.image_size, MAX_PICTURE_PIXELS)[::-1] if s.kind == "image" else None
+
+    def _drawing_options(self):
+        """heatmaps_and_overlays' options; the channels are reduced before (picture_opts' "reduce")."""
+        return {k: v for k, v in self.picture_opts.items() if k != "reduce"}
 
     def draw_pending(self):
         """--shared-scale: draw every pending input on the value range of them all. False when interrupted:
