@@ -15,6 +15,8 @@ two PNGs per image are most of the command's time). Phases:
               every image's header, decoding, the relevance runs, writing a heatmap and an overlay PNG per
               image and the table; the next batches decode on worker threads and the previous batch's
               pictures are drawn and written on another while onnxruntime runs the current one
+  cli-1run    (--one-run) the same with one relevance run at a time (``RUNS_IN_FLIGHT = 1``): what two
+              runs at once bring
   cli-seq     the same with the threads off (``onnxlrp.cli.explain.THREADED = False``): every step in
               turn, as before the prefetch
 
@@ -36,7 +38,7 @@ deletions (a test run, an earlier benchmark) creating a file costs up to 1 ms of
 Usage:
   python benchmarks/bench_explain_folder.py                  # small CNN, 1000 images, batch 32, 5 repeats
   python benchmarks/bench_explain_folder.py --model models_fixtures/vgg.onnx -n 200 --repeats 3
-  python benchmarks/bench_explain_folder.py --dir /dev/shm
+  python benchmarks/bench_explain_folder.py --dir /dev/shm --no-sequential --one-run
 """
 from __future__ import annotations
 
@@ -187,12 +189,14 @@ class LoopTimer:
         explain_module._Run.explain_all = self.real
 
 
-def time_cli(model, folder, out, batch_size, threaded, n):
-    """(whole command, explain loop) seconds of one ``onnxlrp explain`` run, with threads or without."""
+def time_cli(model, folder, out, batch_size, threaded, n, runs_in_flight=None):
+    """(whole command, explain loop) seconds of one ``onnxlrp explain`` run, with threads or without;
+    ``runs_in_flight``: how many relevance runs at once (default: the command's RUNS_IN_FLIGHT)."""
     args = ["explain", str(model), str(folder), "-c", "EpsilonGammaBox", "--low", "-3", "--high", "3",
             "-b", str(batch_size), "-o", str(out), "-q"]
-    saved = explain_module.THREADED
+    saved = explain_module.THREADED, explain_module.RUNS_IN_FLIGHT
     explain_module.THREADED = threaded
+    explain_module.RUNS_IN_FLIGHT = runs_in_flight or saved[1]
     table = io.StringIO()
     try:
         with LoopTimer() as loop, contextlib.redirect_stdout(table):
@@ -200,7 +204,7 @@ def time_cli(model, folder, out, batch_size, threaded, n):
             cli.main(args, standalone_mode=False)
             total = time.perf_counter() - start
     finally:
-        explain_module.THREADED = saved
+        explain_module.THREADED, explain_module.RUNS_IN_FLIGHT = saved
     # ``out`` stays until the end (see the module docstring: creating files right after thousands were
     # removed measures the disk, not onnxlrp)
     rows = table.getvalue().strip().splitlines()
@@ -217,6 +221,8 @@ def main(argv=None):
     ap.add_argument("-b", "--batch-size", type=int, default=32, help="batch size, the CLI's default 32")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every phase (default 5)")
     ap.add_argument("--no-sequential", action="store_true", help="skip the CLI run without threads")
+    ap.add_argument("--one-run", action="store_true", help="also time the CLI with one relevance run at a "
+                    "time (RUNS_IN_FLIGHT = 1: 'cli-1run')")
     ap.add_argument("--dir", default=None, help="where the images and the outputs go (default: the system's "
                     "temporary folder; /dev/shm leaves the disk out)")
     args = ap.parse_args(argv)
@@ -246,6 +252,8 @@ def main(argv=None):
         del sleeping
 
         phases = {"api": [], "cli": [], "cli loop": []}
+        if args.one_run:
+            phases.update({"cli-1run": [], "cli-1run loop": []})
         if not args.no_sequential:
             phases.update({"cli-seq": [], "cli-seq loop": []})
         api_cpu = []
@@ -256,6 +264,10 @@ def main(argv=None):
             total, loop = time_cli(model, folder, work / f"out{r}", b, True, n)
             phases["cli"].append(total)
             phases["cli loop"].append(loop)
+            if args.one_run:
+                total, loop = time_cli(model, folder, work / f"one{r}", b, True, n, runs_in_flight=1)
+                phases["cli-1run"].append(total)
+                phases["cli-1run loop"].append(loop)
             if not args.no_sequential:
                 total, loop = time_cli(model, folder, work / f"seq{r}", b, False, n)
                 phases["cli-seq"].append(total)

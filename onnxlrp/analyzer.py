@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from typing import TYPE_CHECKING
@@ -120,6 +121,10 @@ class LRP:
         self._explosion_reported = False
         self._nonfinite_warned = False
         self._diagnosis = {}  # the probe analyzer and the forward session, built once when first needed
+        # analyze may run on several threads at once (onnxruntime's Run is thread-safe; onnxlrp explain runs
+        # two small batches together): what it builds on first need (a graph for a new input shape, the
+        # diagnosis) is built under this lock, once
+        self._lock = threading.RLock()
         #: seconds per construction phase: load (read, check, shape inference, constant folding), canonize,
         #: layers (and rules), then per emitted graph emit, serialize and session (onnxruntime's setup); on a
         #: cache hit: cache (the key and the entry) and session
@@ -340,8 +345,15 @@ class LRP:
         # CRP graphs (with a concept mask) are kept apart: relevance_model/save mean the plain graph.
         built = self._built if concept_layer is None else self._built_concepts
         key = feature_shape if concept_layer is None else (feature_shape, concept_layer)
-        if key in built:
+        found = built.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            if key not in built:  # not built by another thread meanwhile
+                self._build_new(built, key, feature_shape, concept_layer)
             return built[key]
+
+    def _build_new(self, built, key, feature_shape, concept_layer):
         clock = time.perf_counter()
         cached = self._cache is not None and concept_layer is None
         if cached:
@@ -596,10 +608,11 @@ class LRP:
         if self._input_relevances:  # a probe says nothing about itself (it would build a probe of its own)
             expl.extras["nonfinite"] = {"samples": bad.tolist(), "first": first, "reason": "not finite"}
             return False
-        reason = (self._overflow_reason(feeds, first) if not out_ok[first]
-                  else self._nonfinite_relevance_reason(x, feeds, first))
-        if not self._nonfinite_warned:
-            self._nonfinite_warned = True
+        with self._lock:  # the diagnosis builds sessions once, whichever thread needs them first
+            reason = (self._overflow_reason(feeds, first) if not out_ok[first]
+                      else self._nonfinite_relevance_reason(x, feeds, first))
+            warn, self._nonfinite_warned = not self._nonfinite_warned, True
+        if warn:
             warnings.warn(f"{self.source}: sample {first}: {reason}", LRPWarning, stacklevel=3)
         expl.extras["nonfinite"] = {"samples": bad.tolist(), "first": first, "reason": reason}
         return False
@@ -675,8 +688,11 @@ class LRP:
         # A large sum alone can be right (a near-zero explained output spread over large inputs): only a
         # layer that passes back far more relevance than reaches it is an explosion. The probe builds a
         # second relevance graph, so it runs once per analyzer whatever it finds.
-        self._explosion_reported = True
-        culprit = self._explosion_layer(x[bad[:1]], feeds, bad[0])
+        with self._lock:
+            if self._explosion_reported:  # by another thread meanwhile
+                return
+            self._explosion_reported = True
+            culprit = self._explosion_layer(x[bad[:1]], feeds, bad[0])
         if culprit is None:
             return
         layer, ratio = culprit

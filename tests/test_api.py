@@ -1,5 +1,7 @@
 """The analyzer's public surface: devices, saving, shapes, listings."""
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -81,7 +83,8 @@ def test_float64_input_is_accepted(vgg):
     np.testing.assert_array_equal(vgg.analyze(ref["x"].astype(np.float64)).val, vgg.analyze(ref["x"]).val)
 
 
-def test_dynamic_spatial_model_builds_per_input_size():
+def _dynamic_spatial_model():
+    """Conv-Relu-GlobalAveragePool on (n, 2, h, w): a relevance graph per input size."""
     torch_free = onnx.helper
     x = torch_free.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 2, "h", "w"])
     y = torch_free.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])
@@ -91,7 +94,11 @@ def test_dynamic_spatial_model_builds_per_input_size():
              torch_free.make_node("GlobalAveragePool", ["r"], ["g"]),
              torch_free.make_node("Flatten", ["g"], ["y"])]
     graph = torch_free.make_graph(nodes, "dyn", [x], [y], [onnx.numpy_helper.from_array(w, "w")])
-    model = torch_free.make_model(graph, opset_imports=[torch_free.make_opsetid("", 17)], ir_version=8)
+    return torch_free.make_model(graph, opset_imports=[torch_free.make_opsetid("", 17)], ir_version=8)
+
+
+def test_dynamic_spatial_model_builds_per_input_size():
+    model = _dynamic_spatial_model()
     analyzer = onnxlrp.LRP(model, onnxlrp.EpsilonPlus(), verbose=False)
     with pytest.raises(onnxlrp.LRPError, match="dynamic"):
         analyzer.relevance_model
@@ -99,6 +106,28 @@ def test_dynamic_spatial_model_builds_per_input_size():
     for shape in [(2, 2, 8, 8), (1, 2, 5, 7)]:
         expl = analyzer.analyze(rng.standard_normal(shape).astype(np.float32))
         assert expl.val.shape == shape and np.isfinite(expl.val).all()
+
+
+def test_analyze_from_several_threads_builds_each_input_size_once(monkeypatch):
+    """analyze may be called from several threads at once (onnxlrp explain runs two small batches together):
+    a graph for a new input size is built once, by the first thread to need it, and every result is the one
+    a call on its own gives, bit for bit."""
+    analyzer = onnxlrp.LRP(_dynamic_spatial_model(), onnxlrp.EpsilonPlus(), verbose=False, cache=False)
+    builds, real = [], onnxlrp.LRP._build_new
+
+    def build_new(self, built, key, *args):
+        builds.append(key)
+        time.sleep(0.2)  # the other threads ask for the same size meanwhile
+        return real(self, built, key, *args)
+
+    monkeypatch.setattr(onnxlrp.LRP, "_build_new", build_new)
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal(shape).astype(np.float32) for shape in [(2, 2, 8, 8), (3, 2, 8, 8), (1, 2, 5, 7)] * 3]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: analyzer.analyze(x).val, xs))
+    assert sorted(builds) == [(2, 5, 7), (2, 8, 8)]
+    for x, val in zip(xs, got):
+        np.testing.assert_array_equal(val, analyzer.analyze(x).val)
 
 
 def test_listings_show_indices_ops_and_rules(vgg):

@@ -307,16 +307,18 @@ def test_colorbar_labels_the_range_next_to_the_picture(tmp_path):
 
 # -- 4. Ctrl-C: the finished inputs' table, exit 130 --------------------------------------------------------
 def _interrupt_on_call(monkeypatch, n):
-    from onnxlrp.analyzer import LRP
-    real, calls = LRP.analyze, []
+    """Ctrl-C while the command waits for the n-th batch's relevance run (where the main thread, which
+    Python gives the interrupt to, spends its time; the runs themselves may be on threads of their own)."""
+    import onnxlrp.cli.explain as explain_module
+    real, calls = explain_module._Run._hand_over, []
 
-    def analyze(self, *args, **kwargs):
+    def hand_over(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == n:
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(LRP, "analyze", analyze)
+    monkeypatch.setattr(explain_module._Run, "_hand_over", hand_over)
     return calls
 
 

@@ -132,6 +132,33 @@ def test_the_prefetch_is_bounded(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("when", [1, 3])
 def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, capsys, when):
+    """Ctrl-C reaches the main thread while it waits for batch ``when``'s relevance (two runs may be under
+    way): the batches before it are written and reported, the others not, and no thread is left."""
+    folder = _folder(tmp_path, n=10)
+    (folder / CORRUPT).unlink()
+    real, calls = explain_module._Run._hand_over, []
+
+    def hand_over(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(explain_module._Run, "_hand_over", hand_over)
+    code = main(["explain", VGG, str(folder), "--out", str(tmp_path / "o"), "-b", "2", "--json", "-q"],
+                standalone_mode=False)
+    assert code == 130
+    doc = json.loads(capsys.readouterr().out)
+    explained = 2 * (when - 1)  # the batches handed over to the writer before it: written and reported
+    assert [Path(r["input"]).name for r in doc["results"]] == [f"img{i:02d}.png" for i in range(explained)]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("onnxlrp-")]
+    written = sorted(p.name for p in (tmp_path / "o").iterdir()) if explained else []
+    assert written == sorted(f"img{i:02d}_{k}.png" for i in range(explained) for k in ("heatmap", "overlay"))
+
+
+def test_an_error_in_a_relevance_run_leaves_no_thread(tmp_path, monkeypatch, capsys):
+    """A run that fails on its own thread fails the command as on the main thread (its one-line error), the
+    other run under way is waited for, and no thread is left."""
     folder = _folder(tmp_path, n=10)
     (folder / CORRUPT).unlink()
     from onnxlrp.analyzer import LRP
@@ -139,20 +166,122 @@ def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, ca
 
     def analyze(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == when:
-            raise KeyboardInterrupt
+        if len(calls) == 2:
+            raise RuntimeError("onnxruntime failed")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(LRP, "analyze", analyze)
-    code = main(["explain", VGG, str(folder), "--out", str(tmp_path / "o"), "-b", "2", "--json", "-q"],
-                standalone_mode=False)
-    assert code == 130
-    doc = json.loads(capsys.readouterr().out)
-    explained = 2 * (when - 1)  # the batches whose relevance run finished: written and reported
-    assert [Path(r["input"]).name for r in doc["results"]] == [f"img{i:02d}.png" for i in range(explained)]
+    code = main(["explain", VGG, str(folder), "--out", str(tmp_path / "o"), "-b", "2", "-q"], standalone_mode=False)
+    assert code == 1
+    assert "RuntimeError: onnxruntime failed" in capsys.readouterr().err
     assert not [t.name for t in threading.enumerate() if t.name.startswith("onnxlrp-")]
-    written = sorted(p.name for p in (tmp_path / "o").iterdir()) if explained else []
-    assert written == sorted(f"img{i:02d}_{k}.png" for i in range(explained) for k in ("heatmap", "overlay"))
+
+
+def _watch_runs(monkeypatch, wait_in_call=None, seconds=0.0):
+    """Wrap LRP.analyze to record how many runs are under way at once and on which threads. Run number
+    ``wait_in_call`` waits (up to 10 s) for the next to start, so that a loop that runs one batch at a time
+    is seen as such instead of by chance; every run takes at least ``seconds``."""
+    from onnxlrp.analyzer import LRP
+    real, lock, next_started = LRP.analyze, threading.Lock(), threading.Event()
+    seen = {"active": 0, "peak": 0, "calls": 0, "threads": set()}
+
+    def analyze(self, *args, **kwargs):
+        with lock:
+            seen["active"] += 1
+            seen["calls"] += 1
+            seen["peak"] = max(seen["peak"], seen["active"])
+            seen["threads"].add(threading.current_thread().name)
+            call = seen["calls"]
+        if wait_in_call is not None and call == wait_in_call + 1:
+            next_started.set()
+        try:
+            if call == wait_in_call:
+                next_started.wait(10)
+            time.sleep(seconds)
+            return real(self, *args, **kwargs)
+        finally:
+            with lock:
+                seen["active"] -= 1
+
+    monkeypatch.setattr(LRP, "analyze", analyze)
+    return seen
+
+
+def test_small_batches_run_two_at_once(tmp_path, monkeypatch, capsys):
+    """Batches of small inputs on the CPU: RUNS_IN_FLIGHT relevance runs at once, on threads of their own, and
+    the results are those of one run at a time (the rows and the files' bytes)."""
+    folder = _folder(tmp_path)
+    monkeypatch.setattr(explain_module._Run, "onnxruntime_sets_the_pace", lambda self: True)
+    seen = _watch_runs(monkeypatch, wait_in_call=1)
+    code, overlapped = _explain(folder, tmp_path / "overlapped", capsys)
+    assert code == 1  # the corrupt input's row
+    assert seen["peak"] == explain_module.RUNS_IN_FLIGHT == 2
+    assert all(name.startswith("onnxlrp-run") for name in seen["threads"])
+
+    monkeypatch.setattr(explain_module, "RUNS_IN_FLIGHT", 1)
+    seen = _watch_runs(monkeypatch)
+    code, alone = _explain(folder, tmp_path / "alone", capsys)
+    assert code == 1 and seen["peak"] == 1
+    assert (json.loads(json.dumps(overlapped["results"]).replace(str(tmp_path / "overlapped"), "OUT"))
+            == json.loads(json.dumps(alone["results"]).replace(str(tmp_path / "alone"), "OUT")))
+    written = sorted(p.name for p in (tmp_path / "overlapped").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "alone").iterdir()) and len(written) == 30
+    for name in written:
+        assert (tmp_path / "overlapped" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
+
+
+def test_profile_counts_overlapping_runs_once(tmp_path, monkeypatch, capsys):
+    """--profile's relevance time is the time some run was under way: with two runs at once it stays
+    within the loop's time (their sum would not: 4 runs of 0.3 s, two at a time, in a loop of ~0.7 s)."""
+    import re
+    folder = _folder(tmp_path)
+    monkeypatch.setattr(explain_module._Run, "onnxruntime_sets_the_pace", lambda self: True)
+    seen = _watch_runs(monkeypatch, wait_in_call=1, seconds=0.3)
+    code = main(["explain", VGG, str(folder), "--out", str(tmp_path / "o"), "-b", "3", "-q", "--profile"],
+                standalone_mode=False)
+    assert code == 1 and seen["peak"] == 2 and seen["calls"] == 4
+    found = re.search(r"inputs in ([\d.]+) s .*relevance runs ([\d.]+) s \((\d+)%\)", capsys.readouterr().err)
+    assert found, "no profile line"
+    loop, runs, share = float(found[1]), float(found[2]), int(found[3])
+    assert 0.5 <= runs <= loop and share <= 100
+
+
+def test_two_runs_only_while_onnxruntime_sets_the_pace(tmp_path, monkeypatch, capsys):
+    """The first batches run one at a time and measure the pace: while a run takes longer than the writer's
+    work on a batch, the next batches run two at once; while the writer is the slower, one at a time (a
+    second run would take its cores)."""
+    folder = _folder(tmp_path, n=15)
+    seen = _watch_runs(monkeypatch, wait_in_call=3, seconds=0.2)  # slow runs
+    assert _explain(folder, tmp_path / "slow_runs", capsys)[0] == 1
+    assert seen["peak"] == 2 and seen["calls"] == 5
+
+    real = explain_module.save_png
+
+    def slow_save(*args):
+        time.sleep(0.05)
+        return real(*args)
+
+    monkeypatch.setattr(explain_module, "save_png", slow_save)  # a slow writer
+    seen = _watch_runs(monkeypatch)
+    assert _explain(folder, tmp_path / "slow_writer", capsys)[0] == 1
+    assert seen["peak"] == 1 and seen["calls"] == 5
+
+
+def test_large_batches_run_alone(tmp_path, monkeypatch, capsys):
+    """A batch of more than OVERLAP_INPUT_ELEMENTS values runs with no other beside it (two would hold two
+    batches' activations); the sequential loop, too, runs one at a time on the calling thread."""
+    folder = _folder(tmp_path)
+    monkeypatch.setattr(explain_module._Run, "onnxruntime_sets_the_pace", lambda self: True)
+    monkeypatch.setattr(explain_module, "OVERLAP_INPUT_ELEMENTS", 2 * 3 * 32 * 32)  # batches of 3 are larger
+    seen = _watch_runs(monkeypatch)
+    assert _explain(folder, tmp_path / "large", capsys)[0] == 1
+    assert seen["peak"] == 1 and seen["calls"] == 4
+
+    monkeypatch.setattr(explain_module, "OVERLAP_INPUT_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(explain_module, "THREADED", False)
+    seen = _watch_runs(monkeypatch)
+    assert _explain(folder, tmp_path / "sequential", capsys)[0] == 1
+    assert seen["peak"] == 1 and seen["threads"] == {threading.main_thread().name}
 
 
 def test_onnxruntime_sleeps_when_idle_only_where_the_threads_run_beside_it(tmp_path, monkeypatch, capsys):

@@ -416,6 +416,21 @@ PREFETCH_BATCHES = 2
 WRITE_THREADS = 1
 #: False runs every step in turn on the calling thread (decode a batch, explain it, write its files)
 THREADED = True
+#: relevance runs on the CPU at once, each on its own batch, while they are what sets the pace (small inputs,
+#: _Run.onnxruntime_sets_the_pace): onnxruntime splits every op between its threads, and one whose core a
+#: decoding or writing thread holds stalls the op; with a second run beside it, the other threads' time goes
+#: to that run. Run is thread-safe, and the split is the session's, whatever else runs: the relevance is the
+#: same bit for bit. A folder of 64x64 images on 2 cores ran 3-16 % faster, 9 % in the median of 7 runs
+#: (benchmarks/bench_explain_folder.py --one-run)
+RUNS_IN_FLIGHT = 2
+#: batches of up to this many input values run beside another (above it a batch runs alone: two runs hold
+#: two batches' activations, and large inputs keep onnxruntime's threads busy enough on their own)
+OVERLAP_INPUT_ELEMENTS = 1 << 20
+
+
+def _input_elements(items):
+    """How many input values a batch's loaded ``items`` hold (those that failed to load hold none)."""
+    return sum(item[0].size for item in items if not isinstance(item, str))
 
 
 def _wait_through_interrupts(tasks):
@@ -719,7 +734,10 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
     loop_started = time.perf_counter()
     try:
         try:
-            run.explain_all(_batches(samples, batch_size), bar, THREADED)
+            # runs at once only where they share the CPU's cores (not one GPU) and run on onnxruntime (float64
+            # may run on onnx's reference evaluator)
+            run.explain_all(_batches(samples, batch_size), bar, THREADED,
+                            overlap=analyzer.execution_device == "cpu" and precision != "float64")
         except KeyboardInterrupt:  # Ctrl-C: report what is finished
             interrupted = True
         finally:
@@ -796,13 +814,22 @@ class _Run:
         self.mean, self.std, self.alpha, self.shared = mean, std, alpha, shared
         self.picture_opts = picture_opts  # reduce, rangescale, colormap, percentile, colorbar
         self.rows, self.pending, self.files = [], [], 0
-        self.relevance_seconds = 0.0  # inside analyzer.analyze (--profile)
+        self.relevance_seconds = 0.0  # with some analyzer.analyze under way (--profile)
+        self._timing, self._running, self._running_since = threading.Lock(), 0, 0.0
+        # seconds and batches of the relevance runs and of the writer's work: whether a second run beside
+        # the first can help (onnxruntime_sets_the_pace)
+        self._run_time, self._runs, self._write_time, self._writes = 0.0, 0, 0.0, 0
+        self._handed = 0  # batches handed over to the writer
+        self._write_times = {}  # {batch handed over: writer seconds so far}, until its files are all written
 
-    def explain_all(self, batches, progress, threaded):
+    def explain_all(self, batches, progress, threaded, overlap=False):
         """Explain ``batches``, the rows in input order. ``threaded``: the inputs of the next batches are
         decoded on worker threads (PREFETCH_BATCHES ahead) while onnxruntime explains the current one (it
         releases the GIL), and the previous batch's files are written on WRITE_THREADS writer threads
-        meanwhile; otherwise each step runs in turn on this thread.
+        meanwhile; otherwise each step runs in turn on this thread. ``overlap`` (with ``threaded``): while
+        onnxruntime sets the pace (onnxruntime_sets_the_pace), up to RUNS_IN_FLIGHT batches of at most
+        OVERLAP_INPUT_ELEMENTS values each run at once, on threads of their own (a larger batch runs alone);
+        the results are still taken in input order.
 
         On Ctrl-C the decoding stops and the inputs explained before it are still written and reported; a
         second Ctrl-C cancels the writes not started yet.
@@ -824,34 +851,79 @@ class _Run:
                                    PREFETCH_BATCHES if threaded else 0, stop_loading)
             writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="onnxlrp-write") if threaded else None
             submit = writers.submit if writers else _run_now
+            runs = (ThreadPoolExecutor(RUNS_IN_FLIGHT, thread_name_prefix="onnxlrp-run")
+                    if threaded and overlap and RUNS_IN_FLIGHT > 1 else None)
+            run = runs.submit if runs else _run_now
             writing = deque()  # (sample, its _finish task) of the explained inputs not reported yet
             try:
                 try:
+                    in_flight = deque()  # (batch, its items, its relevance task), oldest first
                     for batch, items in loaded:
-                        explained = self._relevance(items)
-                        drawing = submit(self._draw_batch, batch, items, explained)
-                        progress.update(self._collect(writing))  # the previous batch, written meanwhile
-                        j = 0
-                        for s, item in zip(batch, items):
-                            if isinstance(item, str):
-                                s.error = item
-                                s.outputs.clear()
-                                writing.append((s, _run_now(lambda: (_row(s, error=item), 0, None))))
-                                continue
-                            outputs, rel, selections, nonfinite = explained
-                            # the warning's reason names the layer of the first non-finite input
-                            reason = nonfinite.get("reason") if nonfinite.get("first") == j else None
-                            writing.append((s, submit(self._finish, s, outputs[j], rel[j], int(selections[j]),
-                                                      item[1], reason, (drawing, j))))
-                            j += 1
+                        alone = (runs is None or _input_elements(items) > OVERLAP_INPUT_ELEMENTS
+                                 or not self.onnxruntime_sets_the_pace())
+                        while in_flight and alone:
+                            self._hand_over(*in_flight.popleft(), writing, submit, progress)
+                        in_flight.append((batch, items, run(self._relevance, items)))
+                        while in_flight and (alone or len(in_flight) >= RUNS_IN_FLIGHT):
+                            self._hand_over(*in_flight.popleft(), writing, submit, progress)
+                    while in_flight:
+                        self._hand_over(*in_flight.popleft(), writing, submit, progress)
                     progress.update(self._collect(writing))
                 except KeyboardInterrupt:
                     self._collect_interrupted(writing)
                     raise
             finally:
                 loaded.close()
+                if runs is not None:  # a run under way ends (onnxruntime cannot stop it); its result is dropped
+                    _shut_down(runs)
                 if writers is not None:
                     _shut_down(writers)
+
+    def _hand_over(self, batch, items, task, writing, submit, progress):
+        """A batch whose relevance ``task`` was started: once it is done, its pictures and files go to the
+        writer (``submit``), each input's task appended to ``writing``, after the previous batch's results
+        are taken (so that at most two batches' files wait)."""
+        explained = task.result()
+        index, self._handed = self._handed, self._handed + 1
+        drawing = submit(self._timed_write, index, self._draw_batch, batch, items, explained)
+        progress.update(self._collect(writing))  # the previous batch, written meanwhile
+        with self._timing:  # so every writer task of the previous batch is done: its time is complete
+            if index - 1 in self._write_times:
+                self._write_time += self._write_times.pop(index - 1)
+                self._writes += 1
+        j = 0
+        for s, item in zip(batch, items):
+            if isinstance(item, str):
+                s.error = item
+                s.outputs.clear()
+                writing.append((s, _run_now(lambda: (_row(s, error=item), 0, None))))
+                continue
+            outputs, rel, selections, nonfinite = explained
+            # the warning's reason names the layer of the first non-finite input
+            reason = nonfinite.get("reason") if nonfinite.get("first") == j else None
+            writing.append((s, submit(self._timed_write, index, self._finish, s, outputs[j], rel[j],
+                                      int(selections[j]), item[1], reason, (drawing, j))))
+            j += 1
+
+    def _timed_write(self, index, fn, *args):
+        """``fn(*args)``: drawing or writing for the batch handed over as number ``index``, on the writer
+        thread, its time counted to that batch."""
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._timing:
+                self._write_times[index] = self._write_times.get(index, 0.0) + time.perf_counter() - started
+
+    def onnxruntime_sets_the_pace(self):
+        """Whether a batch's relevance run has taken longer than the writer's work on a batch (drawing and
+        writing its files), on average over the batches finished so far. Only then can a second run beside
+        it help: where the writer is slower (a 32x32 model whose run takes 0.8 ms an input against 1.5 ms
+        of drawing and writing), it sets the pace, and a second run only takes cores and the GIL from it
+        (2-7 % slower)."""
+        with self._timing:
+            return (self._runs > 0 and self._writes > 0
+                    and self._run_time / self._runs > self._write_time / self._writes)
 
     def _collect(self, writing):
         """Take the results of the inputs in ``writing``, in order, waiting for each to be written; an error
@@ -927,9 +999,22 @@ class _Run:
         kept = [item for item in items if not isinstance(item, str)]
         if not kept:
             return None
+        x = np.stack([x for x, _ in kept])
+        with self._timing:  # --profile: the time some run was under way (runs may overlap)
+            if self._running == 0:
+                self._running_since = time.perf_counter()
+            self._running += 1
         started = time.perf_counter()
-        expl = self.analyzer.analyze(np.stack([x for x, _ in kept]), self.output_selection)
-        self.relevance_seconds += time.perf_counter() - started
+        try:
+            expl = self.analyzer.analyze(x, self.output_selection)
+        finally:
+            with self._timing:
+                self._running -= 1
+                ended = time.perf_counter()
+                if self._running == 0:
+                    self.relevance_seconds += ended - self._running_since
+                self._run_time += ended - started
+                self._runs += 1
         return (np.asarray(expl.output).reshape(len(kept), -1), np.asarray(expl.val), expl.output_selection,
                 expl.extras.get("nonfinite", {}))
 
