@@ -19,6 +19,8 @@ from onnxlrp.images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize
 
 import onnxlrp.cli.explain as explain_module
 
+from .test_cli_pictures import _interrupt_on_call
+
 ROOT = Path(__file__).resolve().parent.parent
 VGG = str(ROOT / "models_fixtures" / "vgg.onnx")
 EGB = ["--composite", "EpsilonGammaBox", "--low", "-3", "--high", "3"]
@@ -136,15 +138,7 @@ def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, ca
     way): the batches before it are written and reported, the others not, and no thread is left."""
     folder = _folder(tmp_path, n=10)
     (folder / CORRUPT).unlink()
-    real, calls = explain_module._Run._hand_over, []
-
-    def hand_over(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == when:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(explain_module._Run, "_hand_over", hand_over)
+    _interrupt_on_call(monkeypatch, when)
     code = main(["explain", VGG, str(folder), "--out", str(tmp_path / "o"), "-b", "2", "--json", "-q"],
                 standalone_mode=False)
     assert code == 130
