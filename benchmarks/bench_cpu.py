@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CPU benchmark: plain onnxruntime forward vs onnxlrp EpsilonGammaBox(-3, 3) vs Zennit, VGG16 / ResNet50.
 
-For every model and batch size (224x224 inputs) three phases are measured:
+For every model and batch size (224x224 inputs) these phases are measured:
 
   fwd      plain onnxruntime forward of the exported .onnx (CPUExecutionProvider, ORT_ENABLE_ALL,
            default intra-op threads)
@@ -16,6 +16,12 @@ For every model and batch size (224x224 inputs) three phases are measured:
            onnxlrp's: 1e-9 on Gamma/ZBox, 1e-6 on Norm/Epsilon) on the same weights,
            ``with Gradient(model, composite) as attributor: attributor(x, onehot_of_argmax)``,
            torch.set_num_threads(os.cpu_count())
+
+  paired   the forward session and onnxlrp in one process on the same input, called in turn round
+           after round: the ratio of each round's calls, whose median and range make the first table
+           (``--skip-paired`` leaves it out). The machine's speed drifts between phases minutes apart;
+           calls seconds apart share the drift. Zennit stays in its own process: beside onnxruntime's
+           sessions its calls were 6-16 % slower (ResNet50, batch 2), which would flatter onnxlrp.
 
 One driver process runs every phase in a fresh ``multiprocessing`` spawn child, so a phase's peak RSS
 (``ru_maxrss``) is its own; the child's RSS after its imports, the high-water mark through setup and the
@@ -300,6 +306,35 @@ def phase_zennit(cfg):
     return res
 
 
+#: seconds between two calls in the paired phase: onnxruntime's threads spin for a while after a run, and
+#: would take the cores from the start of the other session's run
+PAIR_GAP_S = 0.1
+
+
+def phase_paired(cfg):
+    """The ratio in one process: the plain forward session and onnxlrp (built without the cache) on the same
+    input, called in turn: ``warmup`` rounds, then ``repeats`` timed rounds of one call each. This shared
+    machine's speed drifts (ResNet50's forward pass took 42 ms in one phase and 86 ms in another minutes
+    later); calls seconds apart share the drift, so each round gives its own ratio. Beside onnxlrp's
+    session, the forward pass was 1-5 % slower than alone. No memory figures: the sessions share the
+    process."""
+    import onnxlrp
+    x = make_input(cfg["batch"])
+    sess = _ort_session(cfg["onnx"])
+    feeds = {sess.get_inputs()[0].name: x}
+    analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu", cache=False)
+    calls = {"fwd": lambda: sess.run(None, feeds), "onnxlrp": lambda: analyzer.analyze(x)}
+    times = {k: [] for k in calls}
+    for r in range(cfg["warmup"] + cfg["repeats"]):
+        for name, call in calls.items():
+            time.sleep(PAIR_GAP_S)
+            t0 = time.perf_counter()
+            call()
+            if r >= cfg["warmup"]:
+                times[name].append(time.perf_counter() - t0)
+    return {"times": times}
+
+
 def phase_sanity(cfg):
     """onnxlrp vs Zennit relevances on one batch: finiteness, logits agreement, correlations."""
     import numpy as np
@@ -353,59 +388,68 @@ def phase_profile(cfg):
 
 def profile_sessions(cases, runs, tmp_parent, warmup=1):
     """ORT per-op profile of each ``(key, model, feeds)`` case (feeds: a dict, or a function of the
-    session returning one): ``warmup`` runs, then ``runs`` profiled runs; {key: _summarize_profile}."""
-    result = {}
+    session returning one): ``warmup`` runs, then ``runs`` profiled runs, the cases' runs taken in turn
+    (one of each, a pause, again), so that the machine's drift reaches every case alike;
+    {key: _summarize_profile}."""
+    result, sessions = {}, {}
     tmp = tempfile.mkdtemp(prefix="onnxlrp_prof_", dir=tmp_parent)
     for key, model, feeds in cases:
         sess = _ort_session(model, profile_prefix=os.path.join(tmp, key))
-        if callable(feeds):
-            feeds = feeds(sess)
-        for _ in range(warmup):  # also profiled; dropped below
+        sessions[key] = (sess, feeds(sess) if callable(feeds) else feeds)
+    for _ in range(warmup + runs):  # the warm-up runs are profiled too; dropped below
+        for sess, feeds in sessions.values():
+            time.sleep(PAIR_GAP_S)
             sess.run(None, feeds)
-        for _ in range(runs):
-            sess.run(None, feeds)
+    for key, (sess, _) in sessions.items():
         prof = sess.end_profiling()
         with open(prof) as f:
             events = json.load(f)
         result[key] = _summarize_profile(events, runs)
         os.remove(prof)
-        del sess
+    sessions.clear()
     os.rmdir(tmp)
     return result
 
 
 def _summarize_profile(events, runs):
-    """Per-op-type kernel time (ms per run) over the last ``runs`` model_run events."""
-    run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    keep = run_events[-runs:]
-    t_lo = keep[0]["ts"]
-    total_run = sum(e["dur"] for e in keep) / runs / 1000.0
-    by_op, by_origin, by_node, n_nodes = defaultdict(float), defaultdict(float), defaultdict(float), set()
+    """Per-op-type and per-node kernel time (ms) of the last ``runs`` model_run events: the median over the
+    runs, and each run's per-op times (``per_run``)."""
+    keep = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]
+    per_run = [defaultdict(float) for _ in keep]
+    per_run_nodes = [defaultdict(float) for _ in keep]
+    per_run_origin = [defaultdict(float) for _ in keep]
     node_info = {}
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < t_lo:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        i = next((i for i, r in enumerate(keep) if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]), None)
+        if i is None:
             continue
         op = e.get("args", {}).get("op_name", "?")
         node = e["name"][: -len("_kernel_time")]
-        n_nodes.add(node)
-        ms = e["dur"] / runs / 1000.0
-        by_op[op] += ms
-        by_origin["lrp (emitted)" if node.startswith("lrp/") else "original"] += ms
-        by_node[node] += ms
+        ms = e["dur"] / 1000.0
+        per_run[i][op] += ms
+        per_run_nodes[i][node] += ms
+        per_run_origin[i]["lrp (emitted)" if node.startswith("lrp/") else "original"] += ms
         if node not in node_info:
             shapes = e.get("args", {}).get("output_type_shape") or []
             shape = next((list(d.values())[0] for d in shapes if isinstance(d, dict) and d), None)
             node_info[node] = (op, shape)
-    top_nodes = [(n, node_info[n][0], node_info[n][1], ms)
-                 for n, ms in sorted(by_node.items(), key=lambda kv: -kv[1])]
-    return dict(run_ms=total_run, kernel_ms=sum(by_op.values()), nodes=len(n_nodes),
-                by_op=sorted(by_op.items(), key=lambda kv: -kv[1]), by_origin=dict(by_origin),
-                top_nodes=top_nodes)
+
+    def median_of(dicts):
+        return {k: statistics.median(d.get(k, 0.0) for d in dicts) for k in set().union(*dicts)}
+
+    by_op, by_node = median_of(per_run), median_of(per_run_nodes)
+    top_nodes = [(n, node_info[n][0], node_info[n][1], ms) for n, ms in sorted(by_node.items(), key=lambda kv: -kv[1])]
+    return dict(run_ms=statistics.median(e["dur"] for e in keep) / 1000.0,
+                kernel_ms=statistics.median(sum(d.values()) for d in per_run), nodes=len(node_info),
+                by_op=sorted(by_op.items(), key=lambda kv: -kv[1]), by_origin=median_of(per_run_origin),
+                top_nodes=top_nodes, per_run=[dict(d) for d in per_run])
 
 
 PHASES = {"fwd": phase_fwd, "onnxlrp": phase_onnxlrp, "onnxlrp_cached": phase_onnxlrp_cached,
           "write_cache": phase_write_cache, "zennit": phase_zennit, "sanity": phase_sanity,
-          "profile": phase_profile}
+          "profile": phase_profile, "paired": phase_paired}
 
 
 def _child(phase, cfg, conn):
@@ -419,6 +463,9 @@ def _child(phase, cfg, conn):
 
 def run_phase(phase, cfg):
     """Run one phase in a fresh spawn child; returns its result dict (or {'error': ...})."""
+    # The kernel writes dirty pages back some 30 s after they were written: the cache entry a phase wrote
+    # (hundreds of MB) took the cores from a later phase (ResNet50's forward pass: 86 instead of 42 ms).
+    os.sync()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(phase, cfg, child))
@@ -527,6 +574,29 @@ HEADERS = ["model", "batch", "ORT fwd ms", "onnxlrp ms", "zennit ms", "onnxlrp/f
            "zennit peak MiB"]
 
 
+def _ratios(times, num, den):
+    """'median (min-max)' of the per-round ratios times[num] / times[den]."""
+    if num not in times or den not in times:
+        return "-"
+    rs = [a / b for a, b in zip(times[num], times[den])]
+    return f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
+
+
+def paired_rows(results):
+    rows = []
+    for (model, batch), res in results.items():
+        t = (res.get("paired") or {}).get("times")
+        if not t:
+            continue
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        rows.append([model, str(batch), str(len(t["fwd"])), _fmt(med.get("fwd"), ".1f"),
+                     _fmt(med.get("onnxlrp"), ".1f"), _ratios(t, "onnxlrp", "fwd")])
+    return rows
+
+
+PAIRED_HEADERS = ["model", "batch", "rounds", "ORT fwd ms", "onnxlrp ms", "onnxlrp/fwd (min-max)"]
+
+
 def _get(res, k, field, scale=1.0, spec=".2f"):
     r = res.get(k) or {}
     return _fmt(r[field] * scale if r.get(field) is not None else None, spec)
@@ -601,12 +671,23 @@ def print_profile(model, batch, prof, top, floor=CONV_FLOOR):
     if fwd and rel:
         # No graph of plain ONNX ops can be faster than its convolutions at forward-pass efficiency.
         conv = sum(ms for op, ms in rel["by_op"] if op in floor[0])
-        print(f"  floor: the relevance graph's {floor[1]} alone take {conv:.1f} ms = "
-              f"{conv / fwd['kernel_ms']:.2f}x the whole forward pass; all other ops "
-              f"{rel['kernel_ms'] - conv:.1f} ms = {(rel['kernel_ms'] - conv) / fwd['kernel_ms']:.2f}x")
+        line = (f"  floor: the relevance graph's {floor[1]} alone take {conv:.1f} ms = "
+                f"{conv / fwd['kernel_ms']:.2f}x the whole forward pass; all other ops "
+                f"{rel['kernel_ms'] - conv:.1f} ms = {(rel['kernel_ms'] - conv) / fwd['kernel_ms']:.2f}x")
+        runs = list(zip(fwd.get("per_run", []), rel.get("per_run", [])))
+        if runs:  # each round's relevance run over the forward run beside it
+            ratios = [sum(ms for op, ms in r.items() if op in floor[0]) / sum(f.values()) for f, r in runs]
+            line += f" (medians of {len(runs)} runs; {floor[1]} per round {min(ratios):.2f}-{max(ratios):.2f}x)"
+        print(line)
 
 
 def report(info, results, sanity, profiles, markdown, profile_batch, profile_top):
+    paired = paired_rows(results)
+    if paired:
+        print("\nIn one process (the forward session and onnxlrp called in turn, round after round; the ratio of "
+              "each round's calls, median and range over the rounds):")
+        print_table(PAIRED_HEADERS, paired, markdown)
+        print("\nEach engine in its own process (its peak memory its own):")
     print()
     print_table(HEADERS, build_rows(results), markdown)
     print()
@@ -680,6 +761,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip-zennit", action="store_true", help="skip the Zennit phase and sanity check")
     ap.add_argument("--skip-sanity", action="store_true", help="skip the onnxlrp-vs-Zennit sanity check")
+    ap.add_argument("--skip-paired", action="store_true",
+                    help="skip the phase that calls the forward session and onnxlrp in turn in one process")
     ap.add_argument("--zennit-gamma", choices=["generalized", "plain"], default="generalized",
                     help="zennit's (generalized) Gamma rule, or a plain-gamma hook matching onnxlrp's GammaRule")
     ap.add_argument("--composite", choices=list(COMPOSITES), default="EpsilonGammaBox",
@@ -687,7 +770,7 @@ def main(argv=None):
                          "--skip-zennit)")
     ap.add_argument("--profile", action="store_true",
                     help="ORT per-op profile of the relevance graph vs the forward graph (smallest batch)")
-    ap.add_argument("--profile-runs", type=int, default=2)
+    ap.add_argument("--profile-runs", type=int, default=5)
     ap.add_argument("--profile-top", type=int, default=10)
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results to this file")
@@ -741,6 +824,12 @@ def main(argv=None):
                 res[phase] = run_phase(phase, cfg)
                 print(f"[{m} b{b}] {phase}: median {_fmt(_med_ms(res[phase]), '.1f')} ms "
                       f"(phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            if not args.skip_paired:
+                t0 = time.perf_counter()
+                res["paired"] = run_phase("paired", cfg)
+                print(f"[{m} b{b}] paired: median ms " + ", ".join(
+                    f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in res["paired"].get("times", {}).items())
+                    + f" (phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             results[(m, b)] = res
         if args.profile:
             profiles[m] = run_phase("profile", dict(base, batch=min(batches), profile_runs=args.profile_runs))
