@@ -323,16 +323,22 @@ def phase_paired(cfg):
     sess = _ort_session(cfg["onnx"])
     feeds = {sess.get_inputs()[0].name: x}
     analyzer = onnxlrp.LRP(cfg["onnx"], _composite(cfg), verbose=False, device="cpu", cache=False)
-    calls = {"fwd": lambda: sess.run(None, feeds), "onnxlrp": lambda: analyzer.analyze(x)}
+    return {"times": calls_in_turn({"fwd": lambda: sess.run(None, feeds), "onnxlrp": lambda: analyzer.analyze(x)},
+                                   cfg["warmup"], cfg["repeats"])}
+
+
+def calls_in_turn(calls, warmup, repeats):
+    """{name: seconds of each timed call}: ``calls`` (name -> function) called in turn, one call each per
+    round, a pause before each; ``warmup`` untimed rounds, then ``repeats`` timed ones."""
     times = {k: [] for k in calls}
-    for r in range(cfg["warmup"] + cfg["repeats"]):
+    for r in range(warmup + repeats):
         for name, call in calls.items():
             time.sleep(PAIR_GAP_S)
             t0 = time.perf_counter()
             call()
-            if r >= cfg["warmup"]:
+            if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {"times": times}
+    return times
 
 
 def phase_sanity(cfg):

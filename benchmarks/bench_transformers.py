@@ -14,9 +14,12 @@ sequence) axes, the logits as the only output) to benchmarks/.cache/ (``--cache-
 state dict, which the LXT phase loads, so all phases run on the same weights and inputs.  Phases:
 
   fwd      plain onnxruntime forward of the exported .onnx (CPUExecutionProvider, ORT_ENABLE_ALL)
-  onnxlrp  ``onnxlrp.LRP(path, AttnLRP(), verbose=False, device="cpu").analyze(x)`` (BERT: the token ids,
-           ``inputs={"attention_mask": ..., "token_type_ids": ...}``); construction = load + canonize +
-           emit the graph for the input shape + session creation, reported separately
+  onnxlrp  ``onnxlrp.LRP(path, AttnLRP(), verbose=False, device="cpu", cache=False).analyze(x)`` (BERT:
+           the token ids, ``inputs={"attention_mask": ..., "token_type_ids": ...}``); construction = load +
+           canonize + emit the graph for the input shape + session creation, reported separately
+  paired   the two above in one process, called in turn round after round: each round's ratio, the
+           first table (``--skip-paired`` leaves it out; LXT keeps its own process, as Zennit does in
+           bench_cpu.py)
   lxt      LXT 2.1 AttnLRP in torch: forward + backward of each sample's top logit, relevance = input x
            gradient at ``pixel_values`` (ViT) or at the word-embedding output (BERT, ``inputs_embeds``);
            parameters with ``requires_grad=False`` (no weight gradients), ``torch.set_num_threads(cpus)``.
@@ -182,9 +185,10 @@ def phase_fwd(cfg):
 
 def _lrp_setup(cfg, feeds):
     """onnxlrp.LRP(AttnLRP) with the relevance graph for this input shape emitted (dynamic axes: lazily,
-    in the first analyze otherwise); returns (analyzer, data input, other inputs)."""
+    in the first analyze otherwise); returns (analyzer, data input, other inputs). Built without onnxlrp's
+    cache: a cold construction every time, not a hit on an entry an earlier phase or run left."""
     import onnxlrp
-    analyzer = onnxlrp.LRP(cfg["onnx"], onnxlrp.AttnLRP(), verbose=False, device="cpu")
+    analyzer = onnxlrp.LRP(cfg["onnx"], onnxlrp.AttnLRP(), verbose=False, device="cpu", cache=False)
     x = feeds[analyzer.data_input]
     analyzer._build(tuple(x.shape[1:]))
     others = {k: v for k, v in feeds.items() if k != analyzer.data_input} or None
@@ -283,8 +287,19 @@ def phase_profile(cfg):
                                cfg["profile_runs"], cfg["cache_dir"], warmup=cfg["warmup"])
 
 
+def phase_paired(cfg):
+    """The forward session and onnxlrp in one process, called in turn round after round (bench_cpu's
+    paired phase): each round's ratio shares the machine's drift."""
+    feeds = make_feeds(cfg["model"], cfg["batch"])
+    sess = bc._ort_session(cfg["onnx"])
+    an, x, others = _lrp_setup(cfg, feeds)
+    return {"times": bc.calls_in_turn({"fwd": lambda: sess.run(None, feeds),
+                                       "onnxlrp": lambda: an.analyze(x, inputs=others)},
+                                      cfg["warmup"], cfg["repeats"])}
+
+
 PHASES = {"tf_export": phase_export, "tf_fwd": phase_fwd, "tf_onnxlrp": phase_onnxlrp, "tf_lxt": phase_lxt,
-          "tf_profile": phase_profile}
+          "tf_profile": phase_profile, "tf_paired": phase_paired}
 bc.PHASES.update(PHASES)  # the spawn child re-imports this file as __mp_main__ and registers them again
 
 
@@ -401,6 +416,12 @@ def print_checks(checks):
 
 
 def report(info, results, checks, profiles, markdown, top):
+    paired = bc.paired_rows(results)
+    if paired:
+        print("\nIn one process (the forward session and onnxlrp called in turn, round after round; the ratio of "
+              "each round's calls, median and range over the rounds):")
+        bc.print_table(bc.PAIRED_HEADERS, paired, markdown)
+        print("\nEach engine in its own process (its peak memory its own):")
     print()
     bc.print_table(HEADERS, build_rows(results), markdown)
     print()
@@ -446,6 +467,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed calls first (onnxruntime's arena still grows, with page faults, in call 2)")
     ap.add_argument("--skip-lxt", action="store_true", help="skip the LXT phase (and the exactness check)")
+    ap.add_argument("--skip-paired", action="store_true",
+                    help="skip the phase that calls the forward session and onnxlrp in turn in one process")
     ap.add_argument("--no-float64", action="store_true",
                     help="skip the float64 LXT run (after the timing) that gives the check its float32 noise floor")
     ap.add_argument("--profile", action="store_true",
@@ -511,6 +534,11 @@ def main(argv=None):
                 res[phase]["probe_gflops"] = gflops
                 print(f"[{m} b{b}] {phase}: median {bc._fmt(bc._med_ms(res[phase]), '.1f')} ms "
                       f"(phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            if not args.skip_paired:
+                t0 = time.perf_counter()
+                res["paired"] = bc.run_phase("tf_paired", cfg)
+                print(f"[{m} b{b}] paired: " + bc._ratios(res["paired"].get("times", {}), "onnxlrp", "fwd")
+                      + f" (phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             results[(m, b)] = res
             if not args.skip_lxt:
                 checks[(m, b)] = compare(m, b, cache_dir)
