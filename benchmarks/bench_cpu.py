@@ -402,10 +402,9 @@ def profile_sessions(cases, runs, tmp_parent, warmup=1):
     for key, model, feeds in cases:
         sess = _ort_session(model, profile_prefix=os.path.join(tmp, key))
         sessions[key] = (sess, feeds(sess) if callable(feeds) else feeds)
-    for _ in range(warmup + runs):  # the warm-up runs are profiled too; dropped below
-        for sess, feeds in sessions.values():
-            time.sleep(PAIR_GAP_S)
-            sess.run(None, feeds)
+    # the warm-up runs are profiled too; _summarize_profile drops them
+    calls_in_turn({key: (lambda s=sess, f=feeds: s.run(None, f)) for key, (sess, feeds) in sessions.items()},
+                  0, warmup + runs)
     for key, (sess, _) in sessions.items():
         prof = sess.end_profiling()
         with open(prof) as f:
@@ -603,6 +602,27 @@ def paired_rows(results):
 PAIRED_HEADERS = ["model", "batch", "rounds", "ORT fwd ms", "onnxlrp ms", "onnxlrp/fwd (min-max)"]
 
 
+def run_paired(phase, cfg, label):
+    """The one-process phase ``phase`` (bench_cpu's or bench_transformers' paired phase), its line on stderr."""
+    t0 = time.perf_counter()
+    res = run_phase(phase, cfg)
+    print(f"[{label}] paired: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f} ms"
+                                           for k, v in res.get("times", {}).items())
+          + f", {_ratios(res.get('times', {}), 'onnxlrp', 'fwd')} (phase wall {time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
+    return res
+
+
+def print_paired(results, markdown):
+    """The one-process table, first, when the run has one."""
+    paired = paired_rows(results)
+    if paired:
+        print("\nIn one process (the forward session and onnxlrp called in turn, round after round; the ratio of "
+              "each round's calls, median and range over the rounds):")
+        print_table(PAIRED_HEADERS, paired, markdown)
+        print("\nEach engine in its own process (its peak memory its own):")
+
+
 def _get(res, k, field, scale=1.0, spec=".2f"):
     r = res.get(k) or {}
     return _fmt(r[field] * scale if r.get(field) is not None else None, spec)
@@ -688,12 +708,7 @@ def print_profile(model, batch, prof, top, floor=CONV_FLOOR):
 
 
 def report(info, results, sanity, profiles, markdown, profile_batch, profile_top):
-    paired = paired_rows(results)
-    if paired:
-        print("\nIn one process (the forward session and onnxlrp called in turn, round after round; the ratio of "
-              "each round's calls, median and range over the rounds):")
-        print_table(PAIRED_HEADERS, paired, markdown)
-        print("\nEach engine in its own process (its peak memory its own):")
+    print_paired(results, markdown)
     print()
     print_table(HEADERS, build_rows(results), markdown)
     print()
@@ -831,11 +846,7 @@ def main(argv=None):
                 print(f"[{m} b{b}] {phase}: median {_fmt(_med_ms(res[phase]), '.1f')} ms "
                       f"(phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             if not args.skip_paired:
-                t0 = time.perf_counter()
-                res["paired"] = run_phase("paired", cfg)
-                print(f"[{m} b{b}] paired: median ms " + ", ".join(
-                    f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in res["paired"].get("times", {}).items())
-                    + f" (phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+                res["paired"] = run_paired("paired", cfg, f"{m} b{b}")
             results[(m, b)] = res
         if args.profile:
             profiles[m] = run_phase("profile", dict(base, batch=min(batches), profile_runs=args.profile_runs))

@@ -416,12 +416,7 @@ def print_checks(checks):
 
 
 def report(info, results, checks, profiles, markdown, top):
-    paired = bc.paired_rows(results)
-    if paired:
-        print("\nIn one process (the forward session and onnxlrp called in turn, round after round; the ratio of "
-              "each round's calls, median and range over the rounds):")
-        bc.print_table(bc.PAIRED_HEADERS, paired, markdown)
-        print("\nEach engine in its own process (its peak memory its own):")
+    bc.print_paired(results, markdown)
     print()
     bc.print_table(HEADERS, build_rows(results), markdown)
     print()
@@ -535,10 +530,7 @@ def main(argv=None):
                 print(f"[{m} b{b}] {phase}: median {bc._fmt(bc._med_ms(res[phase]), '.1f')} ms "
                       f"(phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
             if not args.skip_paired:
-                t0 = time.perf_counter()
-                res["paired"] = bc.run_phase("tf_paired", cfg)
-                print(f"[{m} b{b}] paired: " + bc._ratios(res["paired"].get("times", {}), "onnxlrp", "fwd")
-                      + f" (phase wall {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+                res["paired"] = bc.run_paired("tf_paired", cfg, f"{m} b{b}")
             results[(m, b)] = res
             if not args.skip_lxt:
                 checks[(m, b)] = compare(m, b, cache_dir)
