@@ -1,6 +1,7 @@
 """``onnxlrp explain`` decodes the next batches on worker threads and writes the previous batch's files on
-another while onnxruntime runs: the results are those of the sequential loop and of the Python API, the
-prefetch stays bounded, and Ctrl-C leaves no thread behind."""
+another while onnxruntime runs, or, for pictures up to ONE_PYTHON_THREAD_PIXELS, decodes and writes on the
+calling thread while the relevance runs on a thread beside it: the results are those of the sequential loop
+and of the Python API, the prefetch stays bounded, and Ctrl-C leaves no thread behind."""
 from __future__ import annotations
 
 import json
@@ -40,25 +41,53 @@ def _folder(tmp_path, n=11):
     return folder
 
 
+@pytest.fixture
+def worker_threads(monkeypatch):
+    """The loader and writer threads for the tests' 32x32 pictures too (they are below
+    ONE_PYTHON_THREAD_PIXELS, which would keep that work on the calling thread)."""
+    monkeypatch.setattr(explain_module, "ONE_PYTHON_THREAD_PIXELS", 0)
+
+
+DESIGNS = ["worker threads", "one Python thread"]
+
+
+def _design(monkeypatch, design):
+    if design == "worker threads":
+        monkeypatch.setattr(explain_module, "ONE_PYTHON_THREAD_PIXELS", 0)
+
+
 def _explain(folder, out, capsys, *extra):
     code = main(["explain", VGG, str(folder), *EGB, "--out", str(out), "-b", "3", "--save-npy", "--json", "-q",
                  *extra], standalone_mode=False)
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_threaded_results_equal_the_sequential_loop_and_the_api(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_threaded_results_equal_the_sequential_loop_and_the_api(tmp_path, monkeypatch, capsys, design):
+    _design(monkeypatch, design)
     folder = _folder(tmp_path)
-    loaders = set()
-    real_load = explain_module._load_sample
+    loaders, writers = set(), set()
+    real_load, real_save = explain_module._load_sample, explain_module.save_png
 
     def load_sample(*args, **kwargs):
         loaders.add(threading.current_thread().name)
         return real_load(*args, **kwargs)
 
+    def save_png(*args):
+        writers.add(threading.current_thread().name)
+        return real_save(*args)
+
     monkeypatch.setattr(explain_module, "_load_sample", load_sample)
+    monkeypatch.setattr(explain_module, "save_png", save_png)
+    runs = _watch_runs(monkeypatch)
     code, threaded = _explain(folder, tmp_path / "threaded", capsys)
     assert code == 1  # one input is an error row
-    assert loaders and all(name.startswith("onnxlrp-load") for name in loaders)  # decoded off the main thread
+    if design == "worker threads":  # decoded and written off the main thread
+        assert loaders and all(name.startswith("onnxlrp-load") for name in loaders)
+        assert writers and all(name.startswith("onnxlrp-write") for name in writers)
+    else:  # decoded and written on it, the relevance beside it
+        assert loaders == writers == {threading.main_thread().name}
+        assert runs["threads"] == {"onnxlrp-run_0"} and runs["peak"] == 1
 
     monkeypatch.setattr(explain_module, "THREADED", False)
     loaders.clear()
@@ -94,7 +123,7 @@ def test_threaded_results_equal_the_sequential_loop_and_the_api(tmp_path, monkey
         assert row["predicted"] == int(np.argmax(expl.output[i]))
 
 
-def test_the_prefetch_is_bounded(tmp_path, monkeypatch, capsys):
+def test_the_prefetch_is_bounded(tmp_path, monkeypatch, capsys, worker_threads):
     """With a slow relevance run the loaders would run to the end of the folder; they stay
     PREFETCH_BATCHES batches ahead of the run (and get there, so the test sees a prefetch)."""
     folder = _folder(tmp_path, n=10)
@@ -132,10 +161,12 @@ def test_the_prefetch_is_bounded(tmp_path, monkeypatch, capsys):
     assert max(at_start) <= bound + 1
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("when", [1, 3])
-def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, capsys, when):
+def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, capsys, when, design):
     """Ctrl-C reaches the main thread while it waits for batch ``when``'s relevance (two runs may be under
     way): the batches before it are written and reported, the others not, and no thread is left."""
+    _design(monkeypatch, design)
     folder = _folder(tmp_path, n=10)
     (folder / CORRUPT).unlink()
     _interrupt_on_call(monkeypatch, when)
@@ -150,9 +181,11 @@ def test_ctrl_c_cancels_the_loads_and_leaves_no_thread(tmp_path, monkeypatch, ca
     assert written == sorted(f"img{i:02d}_{k}.png" for i in range(explained) for k in ("heatmap", "overlay"))
 
 
-def test_an_error_in_a_relevance_run_leaves_no_thread(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_an_error_in_a_relevance_run_leaves_no_thread(tmp_path, monkeypatch, capsys, design):
     """A run that fails on its own thread fails the command as on the main thread (its one-line error), the
     other run under way is waited for, and no thread is left."""
+    _design(monkeypatch, design)
     folder = _folder(tmp_path, n=10)
     (folder / CORRUPT).unlink()
     from onnxlrp.analyzer import LRP
@@ -201,7 +234,7 @@ def _watch_runs(monkeypatch, wait_in_call=None, seconds=0.0):
     return seen
 
 
-def test_small_batches_run_two_at_once(tmp_path, monkeypatch, capsys):
+def test_small_batches_run_two_at_once(tmp_path, monkeypatch, capsys, worker_threads):
     """Batches of small inputs on the CPU: RUNS_IN_FLIGHT relevance runs at once, on threads of their own, and
     the results are those of one run at a time (the rows and the files' bytes)."""
     folder = _folder(tmp_path)
@@ -224,7 +257,7 @@ def test_small_batches_run_two_at_once(tmp_path, monkeypatch, capsys):
         assert (tmp_path / "overlapped" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
 
 
-def test_profile_counts_overlapping_runs_once(tmp_path, monkeypatch, capsys):
+def test_profile_counts_overlapping_runs_once(tmp_path, monkeypatch, capsys, worker_threads):
     """--profile's relevance time is the time some run was under way: with two runs at once it stays
     within the loop's time (their sum would not: 4 runs of 0.3 s, two at a time, in a loop of ~0.7 s)."""
     import re
@@ -240,7 +273,7 @@ def test_profile_counts_overlapping_runs_once(tmp_path, monkeypatch, capsys):
     assert 0.5 <= runs <= loop and share <= 100
 
 
-def test_two_runs_only_while_onnxruntime_sets_the_pace(tmp_path, monkeypatch, capsys):
+def test_two_runs_only_while_onnxruntime_sets_the_pace(tmp_path, monkeypatch, capsys, worker_threads):
     """The first batches run one at a time and measure the pace: while a run takes longer than the writer's
     work on a batch, the next batches run two at once; while the writer is the slower, one at a time (a
     second run would take its cores)."""
@@ -261,7 +294,7 @@ def test_two_runs_only_while_onnxruntime_sets_the_pace(tmp_path, monkeypatch, ca
     assert seen["peak"] == 1 and seen["calls"] == 5
 
 
-def test_large_batches_run_alone(tmp_path, monkeypatch, capsys):
+def test_large_batches_run_alone(tmp_path, monkeypatch, capsys, worker_threads):
     """A batch of more than OVERLAP_INPUT_ELEMENTS values runs with no other beside it (two would hold two
     batches' activations); the sequential loop, too, runs one at a time on the calling thread."""
     folder = _folder(tmp_path)
@@ -296,3 +329,60 @@ def test_onnxruntime_sleeps_when_idle_only_where_the_threads_run_beside_it(tmp_p
     monkeypatch.setattr(explain_module, "THREADED", False)
     _explain(folder, tmp_path / "sequential", capsys)
     assert seen == [False, True, True]
+
+
+def test_small_pictures_decode_while_the_relevance_runs_beside_them(tmp_path, monkeypatch, capsys):
+    """Pictures up to ONE_PYTHON_THREAD_PIXELS: the calling thread decodes the next batch while the current
+    one's relevance runs on its own thread (one run at a time), so the two overlap; one larger image in the
+    folder (its picture, not the model's input, is what counts) brings the worker threads back."""
+    folder = _folder(tmp_path)
+    (folder / CORRUPT).unlink()
+    seen = _watch_runs(monkeypatch, seconds=0.1)
+    during_run, real_load = [], explain_module._Run._load
+
+    def load(self, batch, stop):
+        during_run.append(seen["active"])
+        return real_load(self, batch, stop)
+
+    monkeypatch.setattr(explain_module._Run, "_load", load)
+    assert _explain(folder, tmp_path / "small", capsys)[0] == 0
+    assert seen["peak"] == 1 and seen["calls"] == 4 and seen["threads"] == {"onnxlrp-run_0"}
+    assert during_run[0] == 0 and all(during_run[1:])  # every load after the first beside a run
+
+    side = int(explain_module.ONE_PYTHON_THREAD_PIXELS ** 0.5) + 1
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / "img99.png")
+    loaders, real_sample = set(), explain_module._load_sample
+
+    def load_sample(*args, **kwargs):
+        loaders.add(threading.current_thread().name)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, "_load_sample", load_sample)
+    assert _explain(folder, tmp_path / "one_larger", capsys)[0] == 0
+    assert loaders and all(name.startswith("onnxlrp-load") for name in loaders)
+
+
+def test_small_arrays_load_on_the_calling_thread(tmp_path, monkeypatch, capsys):
+    """.npy inputs count their heatmap's pixels (values over the channels): 3x32x32 arrays are small, and
+    load on the calling thread while the relevance runs beside it."""
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        np.save(folder / f"x{i}.npy", rng.standard_normal((3, 32, 32)).astype(np.float32))
+    loaders, real_sample = set(), explain_module._load_sample
+
+    def load_sample(*args, **kwargs):
+        loaders.add(threading.current_thread().name)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, "_load_sample", load_sample)
+    seen = _watch_runs(monkeypatch)
+    assert main(["explain", VGG, str(folder), *EGB, "--out", str(tmp_path / "o"), "-b", "2", "-q"],
+                standalone_mode=False) == 0
+    assert loaders == {threading.main_thread().name} and seen["threads"] == {"onnxlrp-run_0"}
+    monkeypatch.setattr(explain_module, "ONE_PYTHON_THREAD_PIXELS", 32 * 32 - 1)
+    loaders.clear()
+    assert main(["explain", VGG, str(folder), *EGB, "--out", str(tmp_path / "o2"), "-b", "2", "-q"],
+                standalone_mode=False) == 0
+    assert loaders and all(name.startswith("onnxlrp-load") for name in loaders)

@@ -7,7 +7,8 @@ written under a temporary name and renamed, so an interrupted run leaves no part
 files are written all or none. What only decoding can tell (an image over Pillow's pixel limit, a file
 that does not decode) becomes an error row for that input, and the others are still explained. Worker
 threads decode the next batches and write the previous batch's files while onnxruntime explains the current
-one; the rows stay in input order. Ctrl-C stops after the inputs explained so far (their files written):
+one (for small pictures this thread decodes and writes while a thread beside it runs onnxruntime); the rows
+stay in input order. Ctrl-C stops after the inputs explained so far (their files written):
 their table (or JSON) is printed, and the exit code is 130.
 """
 from __future__ import annotations
@@ -423,6 +424,15 @@ THREADED = True
 #: same bit for bit. A folder of 64x64 images on 2 cores ran 3-16 % faster, 9 % in the median of 7 runs
 #: (benchmarks/bench_explain_folder.py --one-run)
 RUNS_IN_FLIGHT = 2
+#: inputs whose pictures (image file and model input; an .npy array's heatmap) are at most this many pixels
+#: keep the loop's Python work on the calling thread: it decodes the next batch and writes the
+#: previous one's files while a thread beside it runs the current batch's relevance (_Run.explain_all).
+#: For such pictures that work is mostly Python holding the GIL: on loader and writer threads of their own
+#: it went to handing the GIL between them (48 futex calls an input, 1.2-1.4 of 2 cores used), and a folder
+#: of 32x32 images on 2 cores ran 31-43 % faster this way, of 64x64 ones 2-6 %. From 128x128 on, decoding,
+#: resizing and encoding release the GIL long enough for the threads to win (128x128: 1-9 %, 224x224: 8 %)
+#: (benchmarks/bench_explain_folder.py --both-designs)
+ONE_PYTHON_THREAD_PIXELS = 64 * 64
 #: batches of up to this many input values run beside another (above it a batch runs alone: two runs hold
 #: two batches' activations, and large inputs keep onnxruntime's threads busy enough on their own)
 OVERLAP_INPUT_ELEMENTS = 1 << 20
@@ -431,6 +441,14 @@ OVERLAP_INPUT_ELEMENTS = 1 << 20
 def _input_elements(items):
     """How many input values a batch's loaded ``items`` hold (those that failed to load hold none)."""
     return sum(item[0].size for item in items if not isinstance(item, str))
+
+
+def _picture_pixels(s, channels):
+    """The pixels of the largest picture an input's decoding and drawing handle: its image file's and the
+    model input's; an .npy array's values over the model's ``channels`` (its heatmap's pixels)."""
+    if s.kind != "image":
+        return int(np.prod(s.key[1])) // (channels or 1)
+    return max(int(np.prod(s.image_size or (0,))), int(np.prod(s.key[1] or (0,))))
 
 
 def _wait_through_interrupts(tasks):
@@ -737,7 +755,9 @@ def explain(model, inputs, text, text_file, tokenizer, output_selection, labels,
             # runs at once only where they share the CPU's cores (not one GPU) and run on onnxruntime (float64
             # may run on onnx's reference evaluator)
             run.explain_all(_batches(samples, batch_size), bar, THREADED,
-                            overlap=analyzer.execution_device == "cpu" and precision != "float64")
+                            overlap=analyzer.execution_device == "cpu" and precision != "float64",
+                            small=all(_picture_pixels(s, spec.channels) <= ONE_PYTHON_THREAD_PIXELS
+                                      for s in samples if s.error is None))
         except KeyboardInterrupt:  # Ctrl-C: report what is finished
             interrupted = True
         finally:
@@ -822,14 +842,17 @@ class _Run:
         self._handed = 0  # batches handed over to the writer
         self._write_times = {}  # {batch handed over: writer seconds so far}, until its files are all written
 
-    def explain_all(self, batches, progress, threaded, overlap=False):
+    def explain_all(self, batches, progress, threaded, overlap=False, small=False):
         """Explain ``batches``, the rows in input order. ``threaded``: the inputs of the next batches are
         decoded on worker threads (PREFETCH_BATCHES ahead) while onnxruntime explains the current one (it
         releases the GIL), and the previous batch's files are written on WRITE_THREADS writer threads
         meanwhile; otherwise each step runs in turn on this thread. ``overlap`` (with ``threaded``): while
         onnxruntime sets the pace (onnxruntime_sets_the_pace), up to RUNS_IN_FLIGHT batches of at most
         OVERLAP_INPUT_ELEMENTS values each run at once, on threads of their own (a larger batch runs alone);
-        the results are still taken in input order.
+        the results are still taken in input order. ``small`` (with ``threaded`` and ``overlap``: every
+        picture within ONE_PYTHON_THREAD_PIXELS): no loader or writer threads; this thread decodes each batch
+        and writes the files of the one before while the relevance runs go on one thread beside it, one at
+        a time, the next batch waiting its turn there.
 
         On Ctrl-C the decoding stops and the inputs explained before it are still written and reported; a
         second Ctrl-C cancels the writes not started yet.
@@ -847,24 +870,31 @@ class _Run:
             if self.spec.image:
                 from PIL import Image
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            one_python_thread = threaded and overlap and small
+            helpers = threaded and not one_python_thread  # loader and writer threads
             loaded = _loaded_ahead(batches, lambda batch: self._load(batch, stop_loading),
-                                   PREFETCH_BATCHES if threaded else 0, stop_loading)
-            writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="onnxlrp-write") if threaded else None
+                                   PREFETCH_BATCHES if helpers else 0, stop_loading)
+            writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="onnxlrp-write") if helpers else None
             submit = writers.submit if writers else _run_now
-            runs = (ThreadPoolExecutor(RUNS_IN_FLIGHT, thread_name_prefix="onnxlrp-run")
-                    if threaded and overlap and RUNS_IN_FLIGHT > 1 else None)
+            if one_python_thread:  # one run at a time: the batch after it is queued, so the thread never waits
+                runs, limit = ThreadPoolExecutor(1, thread_name_prefix="onnxlrp-run"), 2
+            else:
+                runs = (ThreadPoolExecutor(RUNS_IN_FLIGHT, thread_name_prefix="onnxlrp-run")
+                        if threaded and overlap and RUNS_IN_FLIGHT > 1 else None)
+                limit = RUNS_IN_FLIGHT
             run = runs.submit if runs else _run_now
             writing = deque()  # (sample, its _finish task) of the explained inputs not reported yet
             try:
                 try:
                     in_flight = deque()  # (batch, its items, its relevance task), oldest first
                     for batch, items in loaded:
-                        alone = (runs is None or _input_elements(items) > OVERLAP_INPUT_ELEMENTS
-                                 or not self.onnxruntime_sets_the_pace())
+                        alone = not one_python_thread and (
+                            runs is None or _input_elements(items) > OVERLAP_INPUT_ELEMENTS
+                            or not self.onnxruntime_sets_the_pace())
                         while in_flight and alone:
                             self._hand_over(*in_flight.popleft(), writing, submit, progress)
                         in_flight.append((batch, items, run(self._relevance, items)))
-                        while in_flight and (alone or len(in_flight) >= RUNS_IN_FLIGHT):
+                        while in_flight and (alone or len(in_flight) >= limit):
                             self._hand_over(*in_flight.popleft(), writing, submit, progress)
                     while in_flight:
                         self._hand_over(*in_flight.popleft(), writing, submit, progress)
@@ -973,7 +1003,8 @@ class _Run:
 
     def _load(self, batch, stop):
         """Each input of ``batch`` as (model input, picture) or an error string (a file that does not
-        decode, non-finite values); on a worker thread. None once ``stop`` is set (the result is not used)."""
+        decode, non-finite values); on a loader thread, or the calling one. None once ``stop`` is set (the
+        result is not used)."""
         from ..errors import InputError
         arrays = {}  # the batch's open .npy files
         loaded = []
