@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """``onnxlrp explain`` on a folder of small images vs the Python API on the same inputs, in one process.
 
-N random RGB PNGs (default 1000) of the model's input size are written to a temporary folder and explained
+N random RGB PNGs (default 1000) of the model's input size (or --picture-size) are written to a temporary folder and explained
 under EpsilonGammaBox(-3, 3). The model is by default a small CNN built here with torch (input 3x64x64:
 conv 16-16, pool, conv 32-32, pool, conv 64, pool, dense 256-10, ReLUs; seeded random weights, exported
 with ``torch.onnx.export(dynamo=False)``); ``--model PATH`` takes any model whose input is an image
@@ -13,10 +13,15 @@ two PNGs per image are most of the command's time). Phases:
   cli         ``onnxlrp explain MODEL FOLDER -c EpsilonGammaBox --low -3 --high 3 -b B -q`` called in this
               process (``cli.main(..., standalone_mode=False)``), timed as a whole: model loading, reading
               every image's header, decoding, the relevance runs, writing a heatmap and an overlay PNG per
-              image and the table; the next batches decode on worker threads and the previous batch's
-              pictures are drawn and written on another while onnxruntime runs the current one
-  cli-1run    (--one-run) the same with one relevance run at a time (``RUNS_IN_FLIGHT = 1``): what two
-              runs at once bring
+              image and the table. Pictures up to ONE_PYTHON_THREAD_PIXELS (64x64): the calling thread
+              decodes the next batch and draws and writes the previous one while a thread beside it runs
+              the current one; larger: the next batches decode on worker threads and the previous batch's
+              pictures are drawn and written on another
+  cli-threads (--both-designs, pictures up to 64x64) the same with the worker threads for them too
+              (``ONE_PYTHON_THREAD_PIXELS = 0``)
+  cli-1thread (--both-designs, larger pictures) the same with them decoded and written on the calling thread
+  cli-1run    (--one-run) the worker threads, whatever the pictures' size, with one relevance run at a
+              time (``RUNS_IN_FLIGHT = 1``): what two runs at once bring there
   cli-seq     the same with the threads off (``onnxlrp.cli.explain.THREADED = False``): every step in
               turn, as before the prefetch
 
@@ -28,7 +33,9 @@ each. Other jobs on the machine slow some repeats down: the best is the least di
 Then the bound the cores set: the CPU time per input of each step besides the relevance (decoding,
 drawing, encoding, writing the files; each alone on one thread) and of the relevance itself (every
 onnxruntime thread, on a session whose idle threads sleep, as the CLI's), and the best ratio CLI / API that
-the cores allow if they never idle: wall time of the API / max(that, total CPU time / cores).
+the cores allow if they never idle: wall time of the API / max(that, total CPU time / cores); and the best
+one with those steps on one thread (as for small pictures, where they mostly hold the GIL): wall time of
+the API / max(that, the steps' time, total CPU time / cores).
 
 The outputs stay until the end, and ``--dir`` says where the images and outputs go: on this machine's disk
 (ext4 without a journal) a new inode skips those deleted in the last 1-6 minutes, and after thousands of
@@ -39,6 +46,7 @@ Usage:
   python benchmarks/bench_explain_folder.py                  # small CNN, 1000 images, batch 32, 5 repeats
   python benchmarks/bench_explain_folder.py --model models_fixtures/vgg.onnx -n 200 --repeats 3
   python benchmarks/bench_explain_folder.py --dir /dev/shm --no-sequential --one-run
+  python benchmarks/bench_explain_folder.py --dir /dev/shm --both-designs --picture-size 128 128 -n 500
 """
 from __future__ import annotations
 
@@ -93,6 +101,7 @@ def image_size(model):
 
 
 def write_images(folder, n, size, seed=0):
+    """n random RGB PNGs of ``size`` (H, W) in ``folder``."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     paths = []
@@ -124,7 +133,7 @@ def time_api(analyzer, batches):
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
+def per_input_costs(analyzer, paths, size, picture_size, folder, batch_size, k=256):
     """CPU seconds per input of what the command does besides the relevance, each step on its own on this
     thread (the first ``k`` images): decoding (the model input and the picture, as the CLI decodes them),
     drawing the heatmap and the overlay (pixels, a batch at a time), encoding the two PNGs, and writing the two files into a
@@ -146,7 +155,8 @@ def per_input_costs(analyzer, paths, size, folder, batch_size, k=256):
 
     def draw(i):  # a batch of inputs from i on, as the CLI draws them
         heats, overlays = heatmaps_and_overlays(reduce_channels(rel[i:i + batch_size], "sum", axis=1),
-                                                [p for _, p in decoded[i:i + batch_size]], 0.6, size=size)
+                                                [p for _, p in decoded[i:i + batch_size]], 0.6,
+                                                size=picture_size)
         return list(zip(heats, overlays))
 
     starts = range(0, len(paths), batch_size)
@@ -189,22 +199,24 @@ class LoopTimer:
         explain_module._Run.explain_all = self.real
 
 
-def time_cli(model, folder, out, batch_size, threaded, n, runs_in_flight=None):
-    """(whole command, explain loop) seconds of one ``onnxlrp explain`` run, with threads or without;
-    ``runs_in_flight``: how many relevance runs at once (default: the command's RUNS_IN_FLIGHT)."""
+def time_cli(model, folder, out, batch_size, n, **settings):
+    """(whole command, explain loop) seconds of one ``onnxlrp explain`` run; ``settings``: values of the
+    explain module's constants for it (THREADED=False: without threads, RUNS_IN_FLIGHT=1: one relevance run
+    at a time, ONE_PYTHON_THREAD_PIXELS=0: worker threads for the smallest pictures too)."""
     args = ["explain", str(model), str(folder), "-c", "EpsilonGammaBox", "--low", "-3", "--high", "3",
             "-b", str(batch_size), "-o", str(out), "-q"]
-    saved = explain_module.THREADED, explain_module.RUNS_IN_FLIGHT
-    explain_module.THREADED = threaded
-    explain_module.RUNS_IN_FLIGHT = runs_in_flight or saved[1]
+    saved = {name: getattr(explain_module, name) for name in settings}
     table = io.StringIO()
     try:
+        for name, value in settings.items():
+            setattr(explain_module, name, value)
         with LoopTimer() as loop, contextlib.redirect_stdout(table):
             start = time.perf_counter()
             cli.main(args, standalone_mode=False)
             total = time.perf_counter() - start
     finally:
-        explain_module.THREADED, explain_module.RUNS_IN_FLIGHT = saved
+        for name, value in saved.items():
+            setattr(explain_module, name, value)
     # ``out`` stays until the end (see the module docstring: creating files right after thousands were
     # removed measures the disk, not onnxlrp)
     rows = table.getvalue().strip().splitlines()
@@ -221,8 +233,13 @@ def main(argv=None):
     ap.add_argument("-b", "--batch-size", type=int, default=32, help="batch size, the CLI's default 32")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every phase (default 5)")
     ap.add_argument("--no-sequential", action="store_true", help="skip the CLI run without threads")
-    ap.add_argument("--one-run", action="store_true", help="also time the CLI with one relevance run at a "
-                    "time (RUNS_IN_FLIGHT = 1: 'cli-1run')")
+    ap.add_argument("--one-run", action="store_true", help="also time the CLI on worker threads with one "
+                    "relevance run at a time (RUNS_IN_FLIGHT = 1, ONE_PYTHON_THREAD_PIXELS = 0: 'cli-1run')")
+    ap.add_argument("--both-designs", action="store_true", help="also time the CLI with the design it does not "
+                    "choose for the pictures' size: worker threads ('cli-threads') or the calling thread "
+                    "('cli-1thread')")
+    ap.add_argument("--picture-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="the images' size (default: the model's input size; the CLI resizes them to it)")
     ap.add_argument("--dir", default=None, help="where the images and the outputs go (default: the system's "
                     "temporary folder; /dev/shm leaves the disk out)")
     args = ap.parse_args(argv)
@@ -232,17 +249,18 @@ def main(argv=None):
     try:
         model = Path(args.model) if args.model else small_cnn(work / "small_cnn.onnx")
         size = image_size(model)
+        picture = tuple(args.picture_size) if args.picture_size else size
         folder = work / "images"
         folder.mkdir()
-        paths = write_images(folder, n, size)
+        paths = write_images(folder, n, picture)
         batches = decoded_batches(paths, size, b)
         start = time.perf_counter()
         analyzer = onnxlrp.LRP(str(model), onnxlrp.EpsilonGammaBox(-3, 3), verbose=False, device="cpu")
         build = time.perf_counter() - start
         analyzer.analyze(batches[0])  # the first run plans onnxruntime's memory: not part of the throughput
-        time_cli(model, folder, work / "warm", b, True, n)  # imports, caches
+        time_cli(model, folder, work / "warm", b, n)  # imports, caches
 
-        costs = per_input_costs(analyzer, paths, size, work, b)
+        costs = per_input_costs(analyzer, paths, size, picture, work, b)
         # the CPU time the relevance needs: a session whose idle threads sleep (the CLI's) spends less of it
         # than the spinning one the API's throughput is timed with
         sleeping = onnxlrp.LRP(str(model), onnxlrp.EpsilonGammaBox(-3, 3), verbose=False, device="cpu",
@@ -254,6 +272,11 @@ def main(argv=None):
         phases = {"api": [], "cli": [], "cli loop": []}
         if args.one_run:
             phases.update({"cli-1run": [], "cli-1run loop": []})
+        one_thread = picture[0] * picture[1] <= explain_module.ONE_PYTHON_THREAD_PIXELS
+        other = ("cli-threads", {"ONE_PYTHON_THREAD_PIXELS": 0}) if one_thread else (
+            "cli-1thread", {"ONE_PYTHON_THREAD_PIXELS": picture[0] * picture[1]})
+        if args.both_designs:
+            phases.update({other[0]: [], f"{other[0]} loop": []})
         if not args.no_sequential:
             phases.update({"cli-seq": [], "cli-seq loop": []})
         api_cpu = []
@@ -261,28 +284,31 @@ def main(argv=None):
             wall, cpu = time_api(analyzer, batches)
             phases["api"].append(wall)
             api_cpu.append(cpu)
-            total, loop = time_cli(model, folder, work / f"out{r}", b, True, n)
-            phases["cli"].append(total)
-            phases["cli loop"].append(loop)
+            variants = [("cli", {})]
             if args.one_run:
-                total, loop = time_cli(model, folder, work / f"one{r}", b, True, n, runs_in_flight=1)
-                phases["cli-1run"].append(total)
-                phases["cli-1run loop"].append(loop)
+                variants.append(("cli-1run", {"RUNS_IN_FLIGHT": 1, "ONE_PYTHON_THREAD_PIXELS": 0}))
+            if args.both_designs:
+                variants.append(other)
             if not args.no_sequential:
-                total, loop = time_cli(model, folder, work / f"seq{r}", b, False, n)
-                phases["cli-seq"].append(total)
-                phases["cli-seq loop"].append(loop)
+                variants.append(("cli-seq", {"THREADED": False}))
+            for name, settings in variants:
+                total, loop = time_cli(model, folder, work / f"{name}{r}", b, n, **settings)
+                phases[name].append(total)
+                phases[f"{name} loop"].append(loop)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{n} images {size[1]}x{size[0]}, {model.name if args.model else 'small CNN'}, EpsilonGammaBox(-3, 3), "
+    print(f"{n} images {picture[1]}x{picture[0]}, {model.name if args.model else 'small CNN'} "
+          f"({size[1]}x{size[0]}), EpsilonGammaBox(-3, 3), "
           f"batch {b}, {args.repeats} repeats; "
-          f"building the analyzer took {build:.2f} s (not in 'api'; in 'cli', not in 'loop')")
+          f"building the analyzer took {build:.2f} s (not in 'api'; in 'cli', not in 'loop'); 'cli' "
+          + ("decodes and writes on the calling thread, the relevance beside it" if one_thread
+             else "decodes and writes on worker threads"))
     api_best, api_median = n / min(phases["api"]), n / statistics.median(phases["api"])
-    print(f"{'phase':<14}{'best img/s':>12}{'median img/s':>14}{'best / api':>12}{'median / api':>14}")
+    print(f"{'phase':<18}{'best img/s':>12}{'median img/s':>14}{'best / api':>12}{'median / api':>14}")
     for name, seconds in phases.items():
         best, median = n / min(seconds), n / statistics.median(seconds)
-        print(f"{name:<14}{best:>12.0f}{median:>14.0f}{best / api_best:>12.2f}{median / api_median:>14.2f}")
+        print(f"{name:<18}{best:>12.0f}{median:>14.0f}{best / api_best:>12.2f}{median / api_median:>14.2f}")
 
     # The bound: the cores can at best run the relevance (the CPU time it takes with idle threads asleep,
     # every onnxruntime thread counted) and the command's other work at once, with nothing idle.
@@ -293,7 +319,9 @@ def main(argv=None):
           + f"; the others {extra:.3f}")
     n_cores = cores()
     bound = wall / max(wall, (needed + extra) / n_cores)
-    print(f"bound on {n_cores} cores with every core busy: cli / api <= {bound:.2f}")
+    one_thread_bound = wall / max(wall, extra, (needed + extra) / n_cores)
+    print(f"bound on {n_cores} cores with every core busy: cli / api <= {bound:.2f}; with the steps besides the "
+          f"relevance on one thread: <= {one_thread_bound:.2f}")
 
 
 if __name__ == "__main__":
