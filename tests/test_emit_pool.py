@@ -70,6 +70,27 @@ def test_maxpool_shared_winners_accumulate(name):
                   jac_fn=lambda xn: maxpool_jacobian(ref(xn[None])[1][0], shape))
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["2x2_stride2", "3x3_tiles", "1x2_tiles"])
+def test_tiled_maxpool_ties_go_to_the_first_maximum(name, precision):
+    """Windows with several equal maxima (a flat image region gives them): each window's cotangent goes to
+    the first in the pool's row-major scan, as MaxPool's Indices and PyTorch's gradient choose, never to
+    several. float32 upsamples the winner into the input's layout, float64 builds the one-hot in window
+    space (onnxruntime has no double Resize)."""
+    shape, attrs = MAXPOOL_CASES[name]
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, 3, size=shape).astype(F32)  # 1s and 2s: most windows tie
+    model = make_model([helper.make_node("MaxPool", ["x"], ["z"], **attrs)], [("x", [None, *shape])], ["z"])
+    y = forward(model, x[None])
+    _, arg = _maxpool_ref(shape, attrs, y.shape[2:])(x[None])
+    jac = maxpool_jacobian(arg[0], shape)
+    k = jac.shape[0]
+    e = explain(model, np.repeat(x[None], k, axis=0), sel=np.arange(k), normalize_output_relevance=False,
+                precision=precision)
+    expected = x.astype(np.float64)[None] * jac.reshape((k,) + x.shape)
+    np.testing.assert_array_equal(np.asarray(e.val, np.float64), expected)
+
+
 def test_maxpool_shared_winner_by_hand():
     """One channel, 1x3 input [0, 5, 1], windows of 2 with stride 1: 5 wins both windows."""
     model = make_model([helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[1, 2]),
