@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """``onnxlrp explain`` on a folder of small images vs the Python API on the same inputs, in one process.
 
-N random RGB PNGs (default 1000) of the model's input size (or --picture-size) are written to a temporary folder and explained
-under EpsilonGammaBox(-3, 3). The model is by default a small CNN built here with torch (input 3x64x64:
-conv 16-16, pool, conv 32-32, pool, conv 64, pool, dense 256-10, ReLUs; seeded random weights, exported
-with ``torch.onnx.export(dynamo=False)``); ``--model PATH`` takes any model whose input is an image
-(e.g. models_fixtures/vgg.onnx, 3x32x32, whose relevance run is so cheap that decoding and writing the
-two PNGs per image are most of the command's time). Phases:
+N random RGB PNGs (default 1000) of the model's input size (or --picture-size) are written to a temporary
+folder and explained under EpsilonGammaBox(-3, 3). The model is by default a small CNN built here with
+torch (input 3x64x64: conv 16-16, pool, conv 32-32, pool, conv 64, pool, dense 256-10, ReLUs; seeded random
+weights, exported with ``torch.onnx.export(dynamo=False)``); ``--model PATH`` takes any model whose input
+is an image (e.g. models_fixtures/vgg.onnx, 3x32x32, whose relevance run is so cheap that decoding and
+writing the two PNGs per image are most of the command's time). Phases:
 
   api         ``onnxlrp.LRP(model, EpsilonGammaBox(-3, 3)).analyze(x)`` on the inputs decoded beforehand
               (as the CLI decodes them), in batches of --batch-size; the analyzer is built before timing
