@@ -41,19 +41,31 @@ def _folder(tmp_path, n=11):
     return folder
 
 
-@pytest.fixture
-def worker_threads(monkeypatch):
-    """The loader and writer threads for the tests' 32x32 pictures too (they are below
-    ONE_PYTHON_THREAD_PIXELS, which would keep that work on the calling thread)."""
-    monkeypatch.setattr(explain_module, "ONE_PYTHON_THREAD_PIXELS", 0)
-
-
 DESIGNS = ["worker threads", "one Python thread"]
 
 
 def _design(monkeypatch, design):
+    """"worker threads": the loader and writer threads for the tests' 32x32 pictures too (they are below
+    ONE_PYTHON_THREAD_PIXELS, which keeps that work on the calling thread)."""
     if design == "worker threads":
         monkeypatch.setattr(explain_module, "ONE_PYTHON_THREAD_PIXELS", 0)
+
+
+@pytest.fixture
+def worker_threads(monkeypatch):
+    _design(monkeypatch, "worker threads")
+
+
+def _threads_calling(monkeypatch, name):
+    """The names of the threads that call the explain module's function ``name`` (a set, filled as they do)."""
+    threads, real = set(), getattr(explain_module, name)
+
+    def recorded(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, name, recorded)
+    return threads
 
 
 def _explain(folder, out, capsys, *extra):
@@ -66,19 +78,7 @@ def _explain(folder, out, capsys, *extra):
 def test_threaded_results_equal_the_sequential_loop_and_the_api(tmp_path, monkeypatch, capsys, design):
     _design(monkeypatch, design)
     folder = _folder(tmp_path)
-    loaders, writers = set(), set()
-    real_load, real_save = explain_module._load_sample, explain_module.save_png
-
-    def load_sample(*args, **kwargs):
-        loaders.add(threading.current_thread().name)
-        return real_load(*args, **kwargs)
-
-    def save_png(*args):
-        writers.add(threading.current_thread().name)
-        return real_save(*args)
-
-    monkeypatch.setattr(explain_module, "_load_sample", load_sample)
-    monkeypatch.setattr(explain_module, "save_png", save_png)
+    loaders, writers = _threads_calling(monkeypatch, "_load_sample"), _threads_calling(monkeypatch, "save_png")
     runs = _watch_runs(monkeypatch)
     code, threaded = _explain(folder, tmp_path / "threaded", capsys)
     assert code == 1  # one input is an error row
@@ -351,13 +351,7 @@ def test_small_pictures_decode_while_the_relevance_runs_beside_them(tmp_path, mo
 
     side = int(explain_module.ONE_PYTHON_THREAD_PIXELS ** 0.5) + 1
     Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(folder / "img99.png")
-    loaders, real_sample = set(), explain_module._load_sample
-
-    def load_sample(*args, **kwargs):
-        loaders.add(threading.current_thread().name)
-        return real_sample(*args, **kwargs)
-
-    monkeypatch.setattr(explain_module, "_load_sample", load_sample)
+    loaders = _threads_calling(monkeypatch, "_load_sample")
     assert _explain(folder, tmp_path / "one_larger", capsys)[0] == 0
     assert loaders and all(name.startswith("onnxlrp-load") for name in loaders)
 
@@ -370,13 +364,7 @@ def test_small_arrays_load_on_the_calling_thread(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(3)
     for i in range(4):
         np.save(folder / f"x{i}.npy", rng.standard_normal((3, 32, 32)).astype(np.float32))
-    loaders, real_sample = set(), explain_module._load_sample
-
-    def load_sample(*args, **kwargs):
-        loaders.add(threading.current_thread().name)
-        return real_sample(*args, **kwargs)
-
-    monkeypatch.setattr(explain_module, "_load_sample", load_sample)
+    loaders = _threads_calling(monkeypatch, "_load_sample")
     seen = _watch_runs(monkeypatch)
     assert main(["explain", VGG, str(folder), *EGB, "--out", str(tmp_path / "o"), "-b", "2", "-q"],
                 standalone_mode=False) == 0
