@@ -129,22 +129,25 @@ class EmitContext:
         r_out = relevance_out[0]
         xs = [Sym(b, t, self.shape(t)[1:]) for t in layer.inputs]
         z_orig = layer.outputs[0]
+        # the graph's pre-activation is the layer's map under layer.params, so rules may build on it
+        z_is_layer_map = not (layer.extra.get("interior") or layer.extra.get("params_changed"))
+        products = {}
+
+        def forward(params, input=None):
+            """The layer's map under ``params`` of its inputs (or of ``input(x)``), once per pair."""
+            key = (id(params), input)
+            if key not in products:
+                inputs = xs if input is None else [input(x) for x in xs]
+                products[key] = (params, self.sym(emitter.forward(self, layer, inputs, params), z_orig))
+            return products[key][1]
+
         contributions = [[] for _ in xs]
         for group in groups:
-            terms = []
-            z = None
-            for term in group.terms:
-                inputs = [term.input(x) for x in xs]
-                if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params) \
-                        and not (layer.extra.get("interior") or layer.extra.get("params_changed")):
-                    z_term = z_orig  # reuse the forward pass's own pre-activation
-                else:
-                    z_term = emitter.forward(self, layer, inputs, term.params)
-                if term.sign < 0:
-                    z = b.op("Neg", [z_term]) if z is None else b.op("Sub", [z, z_term])
-                else:
-                    z = z_term if z is None else b.op("Add", [z, z_term])
-                terms.append((term, inputs))
+            terms = [(term, [term.input(x) for x in xs]) for term in group.terms]
+            if group.z is not None and z_is_layer_map:
+                z = group.z(self.sym(z_orig, z_orig), forward).var
+            else:
+                z = self._sum_of_forwards(layer, terms, xs, z_is_layer_map)
             r = r_out
             if group.mask is not None:
                 zsym = self.sym(z_orig, z_orig)
@@ -164,6 +167,21 @@ class EmitContext:
                         c = b.op("Mul", [c, b.const(np.asarray(factor, dtype=b.dtype))])
                     contributions[i].append(c)
         return [b.add_all(c) for c in contributions]
+
+    def _sum_of_forwards(self, layer, terms, xs, z_is_layer_map):
+        """A group's pre-activation as its terms' forward passes summed (each with its sign)."""
+        b, z = self.b, None
+        for term, inputs in terms:
+            if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params) \
+                    and z_is_layer_map:
+                z_term = layer.outputs[0]  # reuse the forward pass's own pre-activation
+            else:
+                z_term = layer.emitter.forward(self, layer, inputs, term.params)
+            if term.sign < 0:
+                z = b.op("Neg", [z_term]) if z is None else b.op("Sub", [z, z_term])
+            else:
+                z = z_term if z is None else b.op("Add", [z, z_term])
+        return z
 
 
 def _same_params(p, q):

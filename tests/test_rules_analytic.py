@@ -369,6 +369,36 @@ def test_generalized_gamma_by_hand():
     np.testing.assert_allclose(r, [-4 / -6, -2 / -6], rtol=1e-6)
 
 
+# (float64: the reference's stabilizer is float32's 1e-9, the graph's 1.9e-18: they differ by 1e-9 / |z|)
+@pytest.mark.parametrize("precision,rtol", [("float32", 2e-4), ("float64", 1e-8)])
+@pytest.mark.parametrize("after_relu", [True, False])
+def test_generalized_gamma_needs_one_modified_forward_pass(after_relu, precision, rtol):
+    """The negative group's pre-activation is (2 + g) z - z+: one modified convolution (two on a+ and a-
+    where the input has negative values), not two (four), and the formula's relevance, on inputs after a
+    ReLU and on signed ones, in both precisions."""
+    rng = np.random.default_rng(7 + after_relu)
+    conv, lin, b, shape = conv_layer(rng, shape=(3, 5, 5), w_shape=(4, 3, 3, 3), pads=[1, 1, 1, 1])
+    nodes = list(conv.graph.node)
+    if after_relu:
+        nodes = [helper.make_node("Relu", ["x"], ["a"])] + nodes
+        nodes[1].input[0] = "a"
+    model = make_model(nodes, [("x", [None, *shape])], ["z"], list(conv.graph.initializer))
+    x = rng.normal(size=(3,) + shape).astype(F32)
+    analyzer = make_lrp(model, [PassRule()] * after_relu + [GeneralizedGammaRule(0.5)], precision=precision)
+    e = analyzer.analyze(x, [0, 40, 99])
+    assert analyzer.layers[-1].extra["nonnegative_input"] is after_relu
+    if precision == "float32":  # (in float64 the convolutions are lowered: onnxruntime has no double Conv)
+        convs = [n for n in analyzer.relevance_model.graph.node if n.op_type == "Conv"]
+        # the layer's own, one modified forward per input sign, and the two groups' transposes
+        assert len(convs) == 1 + (1 if after_relu else 2) + 2
+    a = np.maximum(x, 0) if after_relu else x
+    for n, k in enumerate([0, 40, 99]):
+        R = np.eye(100)[k]
+        expected = ref_generalized_gamma(lin, b, a[n].reshape(-1).astype(np.float64), R, gamma=0.5)
+        np.testing.assert_allclose(e.val[n].reshape(-1), expected, rtol=rtol,
+                                   atol=rtol * np.abs(expected).max(), err_msg=f"sample {n}, output {k}")
+
+
 def test_epsilon_rule_on_parameter_free_layers():
     """Epsilon on an average pool (R_j = a_j / 4 / (z + eps sign z)) and on a merge (R_a = a / (a + b + eps))."""
     x = np.array([[[[1.0, 2.0], [3.0, -2.0]]]], F32)

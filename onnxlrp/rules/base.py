@@ -3,7 +3,8 @@
 A rule on a layer with parameters (or on a parameter-free linear layer such as pooling or a sum) is a
 list of :class:`Group` s, each a list of :class:`Term` s, in the spirit of Zennit's BasicHook::
 
-    z_g   = sum_t sign_t * f(input_t(a); params_t)                 (forward under modified weights)
+    z_g   = sum_t sign_t * f(input_t(a); params_t)                 (forward under modified weights,
+                                                                    or the group's own ``z`` identity)
     s_g   = mask_g(R_out) / denominator_g(z_g)
     R_in  = sum_g coef_g * sum_t sign_t * input_t(a) * f^T(s_g; params_t)
 
@@ -59,6 +60,13 @@ class Group:
     denominator: Callable = field(default=lambda z: stabilize(z, DEFAULT_STABILIZER))
     coef: float = 1.0
     mask: Optional[str] = None  # None, "positive" or "negative": which sign of the layer's z it covers
+    #: the group's modified pre-activation from fewer products, where the rule knows an identity for it:
+    #: ``z(z_layer, forward)`` gets the layer's own pre-activation and ``forward(params, input=None)``, the
+    #: layer's map under ``params`` of its inputs or of ``input(x)`` (emitted once per pair, so groups share
+    #: them), and returns what the terms' forward passes would sum to. None: their sum. It is used only
+    #: where the graph's pre-activation is the layer's map under its own params (not after a canonization
+    #: that changed them); elsewhere the terms' sum is emitted.
+    z: Optional[Callable] = None
 
 
 class Rule:

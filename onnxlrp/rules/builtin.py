@@ -215,12 +215,18 @@ class GeneralizedGammaRule(Rule):
         minus = with_params(p, _gamma(g, _neg))
         plus_nb, minus_nb = _without_bias(plus), _without_bias(minus)
         if layer.extra.get("nonnegative_input"):  # a- = 0: the terms on the negative inputs vanish
-            return [Group([Term(_identity_input, plus)], denominator=self.modify_denominator, mask="positive"),
-                    Group([Term(_identity_input, minus)], denominator=self.modify_denominator, mask="negative")]
-        return [Group([Term(keep_positive, plus), Term(keep_negative, minus_nb)],
-                      denominator=self.modify_denominator, mask="positive"),
-                Group([Term(keep_positive, minus), Term(keep_negative, plus_nb)],
-                      denominator=self.modify_denominator, mask="negative")]
+            positive_terms, negative_terms = [Term(_identity_input, plus)], [Term(_identity_input, minus)]
+            z_positive = lambda z, forward: forward(plus)  # noqa: E731
+        else:
+            positive_terms = [Term(keep_positive, plus), Term(keep_negative, minus_nb)]
+            negative_terms = [Term(keep_positive, minus), Term(keep_negative, plus_nb)]
+            z_positive = lambda z, forward: forward(plus, keep_positive) + forward(minus_nb, keep_negative)  # noqa: E731
+        # The two groups' modified weights sum to (2 + g) W on a+ and on a-, their biases to (2 + g) b: so
+        # z- = (2 + g) z - z+, from the layer's own z = W a + b, and the negative group needs no forward pass
+        # of its own. z+ >= z, so where z < 0 (the only place z- is used) |z-| >= (1 + g)|z|: no cancellation.
+        return [Group(positive_terms, denominator=self.modify_denominator, mask="positive", z=z_positive),
+                Group(negative_terms, denominator=self.modify_denominator, mask="negative",
+                      z=lambda z, forward: (2 + g) * z - z_positive(z, forward))]
 
 
 @dataclass(eq=False, repr=False)
