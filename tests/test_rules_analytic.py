@@ -23,9 +23,11 @@ from onnxlrp import (AlphaBetaRule, Composite, EpsilonRule, FlatRule, GammaRule,
                      LayerMap, LayerNormRule, PassRule, Rule, RuleCompatibilityError, WSquareRule, ZBoxRule,
                      ZeroRule, ZPlusRule)
 from onnxlrp.rules import Params, keep_positive, stabilize
+from onnxlrp.rules.base import DEFAULT_STABILIZER
+from onnxlrp.rules.expr import Sym
 
 from .helpers import (F32, affine_jacobian, explain, forward, init, make_lrp, make_model, maxpool_jacobian,
-                      neg, np_conv, np_conv_transpose, np_maxpool, pos, stab)
+                      neg, np_conv, np_conv_transpose, np_maxpool, ort_run, pos, stab)
 
 
 # -- the formulas ------------------------------------------------------------------------------------------------
@@ -442,6 +444,33 @@ def test_stabilizer_sign_of_zero_is_plus():
     # the same zero reached through the bias
     r = explain(_tiny_gemm([[2.0]], [-2.0]), [[1]], [EpsilonRule(0.5)], sel=0).val[0]
     np.testing.assert_allclose(r, [4.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("epsilon", [1e-9, DEFAULT_STABILIZER, 1e-6, 0.25])
+def test_emitted_stabilizer_is_the_formula_bit_for_bit(epsilon, dtype):
+    """The emitted z + eps sign(z) (a Clip step for small eps, Less + Cast above 2^-23) equals
+    (z + eps) - 2 eps [z < 0] in numpy bit for bit, at zeros of both signs, subnormals, +-eps and infinities."""
+    import onnx_graphsurgeon as gs
+    from onnxlrp._onnx_utils import export_model
+    from onnxlrp.rewriter import Builder
+    info = np.finfo(dtype)
+    eps = epsilon.for_dtype(dtype) if hasattr(epsilon, "for_dtype") else float(epsilon)
+    edges = [0.0, -0.0, info.smallest_subnormal, info.smallest_normal, eps, 2 * eps, 0.5, 1.0, 3.0, info.max,
+             np.inf, eps / 3, 1e-30]
+    z = np.array(edges + [-v for v in edges] + list(np.random.default_rng(0).normal(size=50) * 1e-8),
+                 dtype=dtype)[None]
+    graph = gs.Graph(inputs=[gs.Variable("z", dtype=dtype, shape=list(z.shape))])
+    out = stabilize(Sym(Builder(graph, dtype), graph.inputs[0], z.shape[1:]), epsilon).var
+    out.dtype, out.shape = dtype, list(z.shape)
+    graph.outputs = [out]
+    model = export_model(graph, 17)
+    got = ort_run(model, {"z": z})[0]
+    e = dtype(eps)
+    want = (z + e) - dtype(2) * e * (z < 0)
+    assert got.dtype == dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), (z[got != want], got[got != want])
+    uses_clip = any(n.op_type == "Clip" for n in model.graph.node)
+    assert uses_clip == (eps <= float(info.smallest_subnormal) * 2.0 ** (info.maxexp - 2))
 
 
 def test_stabilize_helper_on_numpy():
