@@ -214,19 +214,24 @@ class GeneralizedGammaRule(Rule):
         plus = with_params(p, _gamma(g, _pos))
         minus = with_params(p, _gamma(g, _neg))
         plus_nb, minus_nb = _without_bias(plus), _without_bias(minus)
-        if layer.extra.get("nonnegative_input"):  # a- = 0: the terms on the negative inputs vanish
+        nonnegative = layer.extra.get("nonnegative_input")  # a- = 0: the terms on the negative inputs vanish
+        if nonnegative:
             positive_terms, negative_terms = [Term(_identity_input, plus)], [Term(_identity_input, minus)]
-            z_positive = lambda z, forward: forward(plus)  # noqa: E731
         else:
             positive_terms = [Term(keep_positive, plus), Term(keep_negative, minus_nb)]
             negative_terms = [Term(keep_positive, minus), Term(keep_negative, plus_nb)]
-            z_positive = lambda z, forward: forward(plus, keep_positive) + forward(minus_nb, keep_negative)  # noqa: E731
-        # The two groups' modified weights sum to (2 + g) W on a+ and on a-, their biases to (2 + g) b: so
-        # z- = (2 + g) z - z+, from the layer's own z = W a + b, and the negative group needs no forward pass
-        # of its own. z+ >= z, so where z < 0 (the only place z- is used) |z-| >= (1 + g)|z|: no cancellation.
+
+        def z_positive(z, forward):
+            return forward(plus) if nonnegative else forward(plus, keep_positive) + forward(minus_nb, keep_negative)
+
+        def z_negative(z, forward):
+            # The two groups' modified weights sum to (2 + g) W on a+ and on a-, their biases to (2 + g) b, so
+            # z- = (2 + g) z - z+ from the layer's own z = W a + b: the negative group needs no forward pass of
+            # its own. z+ >= z, so where z < 0 (the only place z- is used) |z-| >= (1 + g)|z|: no cancellation.
+            return (2 + g) * z - z_positive(z, forward)
+
         return [Group(positive_terms, denominator=self.modify_denominator, mask="positive", z=z_positive),
-                Group(negative_terms, denominator=self.modify_denominator, mask="negative",
-                      z=lambda z, forward: (2 + g) * z - z_positive(z, forward))]
+                Group(negative_terms, denominator=self.modify_denominator, mask="negative", z=z_negative)]
 
 
 @dataclass(eq=False, repr=False)

@@ -156,8 +156,8 @@ def stabilize(z, epsilon):
         scale = _step_scale(dtype, epsilon)
         if scale is not None:
             # The step -2 eps [z < 0] as Clip(z * scale, -2 eps, 0): every z < 0, down to the smallest
-            # subnormal, times the scale is <= -2 eps, so the sum is the same bit for bit, and in float
-            # ops alone (no bool tensor to Cast): 0.90-0.93 of the time of the relevance run on ResNet50.
+            # subnormal, times the scale is <= -2 eps, so the sum is the same bit for bit, in float ops
+            # alone: no bool tensor to Cast, which made the relevance run on ResNet50 up to 10 % slower.
             step = b.op("Clip", [b.op("Mul", [z.var, b.const(np.asarray(scale, dtype))]),
                                  b.const(np.asarray(-2 * epsilon, dtype)), b.const(np.asarray(0, dtype))])
             return z._wrap(b.op("Add", [shifted, step]))
