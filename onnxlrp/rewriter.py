@@ -131,23 +131,29 @@ class EmitContext:
         z_orig = layer.outputs[0]
         # the graph's pre-activation is the layer's map under layer.params, so rules may build on it
         z_is_layer_map = not (layer.extra.get("interior") or layer.extra.get("params_changed"))
-        products = {}
+        modified, products = {}, {}  # kept with what their keys' ids refer to, so no id is reused
+
+        def inputs_under(hook):
+            """The layer's inputs under an input hook, once per hook: groups whose terms share one share them."""
+            if id(hook) not in modified:
+                modified[id(hook)] = (hook, [hook(x) for x in xs])
+            return modified[id(hook)][1]
 
         def forward(params, input=None):
             """The layer's map under ``params`` of its inputs (or of ``input(x)``), once per pair."""
-            key = (id(params), input)
+            inputs = xs if input is None else inputs_under(input)
+            key = (id(params),) + tuple(id(i) for i in inputs)
             if key not in products:
-                inputs = xs if input is None else [input(x) for x in xs]
                 products[key] = (params, self.sym(emitter.forward(self, layer, inputs, params), z_orig))
             return products[key][1]
 
         contributions = [[] for _ in xs]
         for group in groups:
-            terms = [(term, [term.input(x) for x in xs]) for term in group.terms]
+            terms = [(term, inputs_under(term.input)) for term in group.terms]
             if group.z is not None and z_is_layer_map:
                 z = group.z(self.sym(z_orig, z_orig), forward).var
             else:
-                z = self._sum_of_forwards(layer, terms, xs, z_is_layer_map)
+                z = self._sum_of_forwards(layer, terms, xs, z_is_layer_map, forward)
             r = r_out
             if group.mask is not None:
                 zsym = self.sym(z_orig, z_orig)
@@ -168,15 +174,16 @@ class EmitContext:
                     contributions[i].append(c)
         return [b.add_all(c) for c in contributions]
 
-    def _sum_of_forwards(self, layer, terms, xs, z_is_layer_map):
-        """A group's pre-activation as its terms' forward passes summed (each with its sign)."""
+    def _sum_of_forwards(self, layer, terms, xs, z_is_layer_map, forward):
+        """A group's pre-activation as its terms' forward passes (``forward``, emit_terms' shared products)
+        summed, each with its sign."""
         b, z = self.b, None
         for term, inputs in terms:
             if all(i is x for i, x in zip(inputs, xs)) and _same_params(term.params, layer.params) \
                     and z_is_layer_map:
                 z_term = layer.outputs[0]  # reuse the forward pass's own pre-activation
             else:
-                z_term = layer.emitter.forward(self, layer, inputs, term.params)
+                z_term = forward(term.params, term.input).var
             if term.sign < 0:
                 z = b.op("Neg", [z_term]) if z is None else b.op("Sub", [z, z_term])
             else:

@@ -393,6 +393,9 @@ def test_generalized_gamma_needs_one_modified_forward_pass(after_relu, precision
         convs = [n for n in analyzer.relevance_model.graph.node if n.op_type == "Conv"]
         # the layer's own, one modified forward per input sign, and the two groups' transposes
         assert len(convs) == 1 + (1 if after_relu else 2) + 2
+        # a+ and a- once for both groups' terms and forward passes, and the two stabilizers' steps
+        clips = [n for n in analyzer.relevance_model.graph.node if n.op_type == "Clip"]
+        assert len(clips) == (0 if after_relu else 2) + 2
     a = np.maximum(x, 0) if after_relu else x
     for n, k in enumerate([0, 40, 99]):
         R = np.eye(100)[k]
